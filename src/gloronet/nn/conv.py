@@ -1,0 +1,118 @@
+"""``LipConv2d``: a 2-D convolution that knows its Lipschitz estimate and provable bound.
+
+The operator norm of a convolution depends on the input size, so the layer records the spatial
+size it is applied to (given as ``input_size`` or taken from the first forward pass) and refuses
+other sizes: the bound always describes the map actually computed.
+
+Padding ``'same'`` follows TensorFlow (the odd pixel at the end), as in the original GloRo code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..bounds import conv2d_apply, conv2d_norm_bound, conv_output_size, power_iteration_conv2d, same_padding
+from .base import LipschitzModule
+
+
+class LipConv2d(LipschitzModule):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: str | int = "same",
+        groups: int = 1,
+        bias: bool = True,
+        input_size: Sequence[int] | None = None,
+        power_iters: int = 1,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
+        if not (padding in ("same", "valid") or (isinstance(padding, int) and padding >= 0)):
+            raise ValueError(f"padding must be 'same', 'valid' or a non-negative int, got {padding!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.groups = int(kernel_size), int(stride), int(groups)
+        self.padding = padding
+        self.power_iters = int(power_iters)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.orthogonal_(self.weight)
+        self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+        self.register_buffer("power_v", torch.empty(0))
+        if input_size is not None:
+            self._set_input_size(tuple(int(s) for s in input_size))
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        h, w = self.input_size.tolist()
+        return (h, w) if h > 0 else None
+
+    def pads(self, hw: Sequence[int]) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) zero padding for inputs of size ``hw``."""
+        k, s = self.kernel_size, self.stride
+        if self.padding == "same":
+            top, bottom = same_padding(hw[0], k, s)
+            left, right = same_padding(hw[1], k, s)
+            return left, right, top, bottom
+        p = 0 if self.padding == "valid" else self.padding
+        return p, p, p, p
+
+    def output_hw(self, hw: Sequence[int]) -> tuple[int, int]:
+        left, right, top, bottom = self.pads(hw)
+        k, s = self.kernel_size, self.stride
+        return conv_output_size(hw[0], k, s, top, bottom), conv_output_size(hw[1], k, s, left, right)
+
+    def _set_input_size(self, hw: tuple[int, int]) -> None:
+        if min(self.output_hw(hw)) < 1:
+            raise ValueError(f"input size {hw} is too small for kernel {self.kernel_size} with padding {self.padding!r}")
+        self.input_size.copy_(torch.tensor(hw))
+        v = torch.randn(1, self.in_channels, *hw, device=self.weight.device)
+        self.power_v = v / v.norm()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "power_v"
+        if key in state_dict and state_dict[key].shape != self.power_v.shape:
+            self.power_v = torch.empty_like(state_dict[key], device=self.power_v.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- forward, estimate, bound --------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"LipConv2d expects (B, {self.in_channels}, H, W) input, got shape {tuple(x.shape)}")
+        hw = tuple(x.shape[-2:])
+        if self.input_hw is None:
+            self._set_input_size(hw)
+        elif hw != self.input_hw:
+            raise ValueError(
+                f"LipConv2d was set up for {self.input_hw[0]}x{self.input_hw[1]} inputs (its Lipschitz bound "
+                f"depends on the input size) but got {hw[0]}x{hw[1]}; build a new model for this input size"
+            )
+        out = conv2d_apply(x, self.weight, self.stride, self.pads(hw), self.groups)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def _require_input_size(self) -> tuple[int, int]:
+        if self.input_hw is None:
+            raise RuntimeError("LipConv2d does not know its input size yet: pass input_size=(H, W) or run a forward pass first")
+        return self.input_hw
+
+    def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
+        """Differentiable estimate (from below) of the operator norm at the recorded input size."""
+        hw = self._require_input_size()
+        n = self.power_iters if n_iter is None and self.training else (n_iter or 0)
+        return power_iteration_conv2d(self.weight, self.power_v, self.stride, self.pads(hw), self.groups, n)
+
+    def lipschitz_bound(self) -> float:
+        hw = self._require_input_size()
+        return conv2d_norm_bound(self.weight, hw, self.stride, self.pads(hw), self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding!r}, groups={self.groups}, input_size={self.input_hw}"
+        )

@@ -1,0 +1,172 @@
+"""The training loop: GloRo losses, ε / lr / λ schedules, AMP, DDP, atomic checkpoints, resume.
+
+One readable function (nanoGPT style). Per step, at fractional epoch ``t``: set ε(t), lr(t),
+λ(t); compute the loss from the training *estimate* of the Lipschitz constants; clip; step.
+Each epoch ends with validation at the *target* ε using the *sound* bound, a CSV log row and a
+checkpoint; ``resume=True`` continues from the last checkpoint to the same result as an
+uninterrupted run (data order and augmentation are functions of (seed, epoch)).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data, models
+from .certify import certify_dataset
+from .checkpoint import atomic_write, load_state, save_model, save_state
+from .config import TrainConfig
+from .gloro import GloroNet, append_bottom_logit
+from .losses import make_loss
+from .optim import make_optimizer
+from .schedules import make_schedule
+
+LOG_FIELDS = ["epoch", "lr", "train_epsilon", "loss", "train_acc", "train_vra_est", "test_acc", "test_vra", "lipschitz_bound", "seconds"]
+
+
+class _TrainStep(nn.Module):
+    """Everything that touches parameters in one forward, so DDP sees all of it."""
+
+    def __init__(self, net: GloroNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), self.net.pairwise_lipschitz()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast for the network (Lipschitz computations stay fp32 inside the layers)."""
+    use = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _write_log(out: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "log.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` into ``out_dir``; returns the last log row."""
+    cfg.validate()
+    out = Path(out_dir)
+    rank, world, local_rank = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    if rank == 0:
+        if (out / "state.pt").exists() and not resume:
+            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+
+    torch.manual_seed(cfg.seed)
+    info = data.dataset_info(cfg.dataset)
+    x_train, y_train = data.load_dataset(info.name, "train", cfg.data_dir, cfg.train_limit, dtype=torch.uint8)
+    x_test, y_test = data.load_dataset(info.name, "test", cfg.data_dir, cfg.test_limit, dtype=torch.uint8)
+    augment = data.Augment(**cfg.augment) if cfg.augment else None
+    loader = data.GPULoader(x_train, y_train, cfg.batch_size // world, augment=augment, device=device,
+                            seed=cfg.seed, rank=rank, world_size=world)
+
+    net = models.create(cfg.model, info.in_shape, info.num_classes, cfg.epsilon, **cfg.model_args).to(device)
+    net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
+    opt = make_optimizer(net.parameters(), cfg.optimizer, cfg.weight_decay, cfg.lookahead)
+    lr_at = make_schedule(cfg.lr, cfg.epochs)
+    eps_at = make_schedule(cfg.train_epsilon, cfg.epochs, base=cfg.epsilon)
+    lam_at = make_schedule(cfg.trades_lam, cfg.epochs) if cfg.trades_lam is not None else None
+    loss_fn = make_loss(cfg.loss)
+
+    start_epoch, rows = 0, []
+    if resume and (out / "state.pt").exists():
+        state = load_state(out, map_location=device)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, rows = state["epoch"], state["log"]
+    step_module: nn.Module = _TrainStep(net)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    nb = len(loader)
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = torch.zeros(4, device=device)  # loss, correct, vra_est, count
+        bar = tqdm(loader, total=nb, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
+        for b, (x, y) in enumerate(bar):
+            t = epoch + b / nb
+            eps, lr = eps_at(t), lr_at(t)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast_for(cfg, device):
+                logits, K = step_module(x)
+            logits = logits.float()
+            bottom = append_bottom_logit(logits, K, eps)
+            loss = loss_fn(logits=logits, bottom_logits=bottom, K=K, labels=y, epsilon=eps,
+                           lam=lam_at(t) if lam_at is not None else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                pred = bottom.argmax(1)
+                sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), (pred == y).sum(),
+                                     torch.tensor(len(y), device=device)]).float()
+            if progress and rank == 0 and (b % 10 == 0 or b == nb - 1):
+                s = (sums / sums[3]).tolist()
+                bar.set_postfix(loss=f"{s[0]:.3f}", acc=f"{s[1]:.3f}", vra_est=f"{s[2]:.3f}", eps=f"{eps:.3g}")
+        if world > 1:
+            dist.all_reduce(sums)
+        s = (sums / sums[3]).tolist()
+        row = {"epoch": epoch + 1, "lr": lr, "train_epsilon": eps, "loss": s[0], "train_acc": s[1],
+               "train_vra_est": s[2], "test_acc": "", "test_vra": "", "lipschitz_bound": "",
+               "seconds": round(time.perf_counter() - t0, 3)}
+        last = epoch + 1 == cfg.epochs
+        if rank == 0 and (last or (epoch + 1) % cfg.eval_every == 0):
+            rep = certify_dataset(net, x_test, y_test, batch_size=max(cfg.batch_size, 512), device=device)
+            row.update(test_acc=rep["clean_accuracy"], test_vra=rep["vra"][f"{cfg.epsilon:g}"], lipschitz_bound=rep["lipschitz_bound"])
+        rows.append(row)
+        if rank == 0:
+            if progress:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v != ""))
+            _write_log(out, rows)
+            if last or (epoch + 1) % cfg.checkpoint_every == 0:
+                save_model(out, net, {"dataset": info.name, "epoch": epoch + 1})
+                save_state(out, {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": rows})
+        if world > 1:
+            dist.barrier()
+    return rows[-1] if rows else {}

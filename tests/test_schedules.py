@@ -1,0 +1,120 @@
+import math
+
+import numpy as np
+import pytest
+
+from gloronet.schedules import (
+    Constant, ExpDecay, LinearRamp, LogRamp, WarmupCosine, make_schedule,
+)
+
+TOTAL = 300
+
+
+def values(s, stop=TOTAL, n=1201):
+    return np.array([s(e) for e in np.linspace(0, stop, n)])
+
+
+def test_constant_from_bare_number_none_and_dict():
+    assert isinstance(make_schedule(0.3, TOTAL), Constant)
+    assert make_schedule(0.3, TOTAL)(123.4) == 0.3
+    assert make_schedule(2, TOTAL)(0) == 2.0
+    assert make_schedule(None, TOTAL, base=1.58)(7) == 1.58
+    assert make_schedule({"kind": "constant", "value_factor": 1.5}, TOTAL, base=0.3)(9) == pytest.approx(0.45)
+    s = make_schedule(0.3, TOTAL)
+    assert make_schedule(s, TOTAL) is s
+
+
+def test_linear_ramp_endpoints_monotone_and_hold():
+    s = make_schedule({"kind": "linear", "start": 0.0, "end": 2.0, "ramp_epochs": 100}, TOTAL)
+    assert isinstance(s, LinearRamp)
+    assert s(0) == 0.0 and s(100) == 2.0 and s(50) == pytest.approx(1.0)
+    assert s(25.5) == pytest.approx(2.0 * 25.5 / 100)
+    v = values(s)
+    assert np.all(np.diff(v) >= 0)
+    assert all(s(e) == 2.0 for e in (100, 150.25, 299, 300))
+    # fractions of the run
+    f = make_schedule({"kind": "linear", "start": 0.5, "end": 20, "ramp_fraction": 0.5}, 500)
+    assert f(0) == 0.5 and f(250) == 20 and f(400) == 20
+
+
+def test_log_ramp_gloro_recipe():
+    eps = 1.58
+    s = make_schedule({"kind": "log", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5},
+                      total_epochs=TOTAL, base=eps)
+    assert isinstance(s, LogRamp)
+    assert s(0) == pytest.approx(0.01 * eps, rel=1e-12)
+    assert s(150) == pytest.approx(1.1 * eps, rel=1e-12)
+    assert all(s(e) == s(150) for e in (150, 151.5, 300))
+    v = values(s)
+    assert np.all(np.diff(v) > -1e-15) and v[0] < v[-1]
+    # geometric: equal ratios in equal times; the midpoint is the geometric mean
+    assert s(75) == pytest.approx(math.sqrt(s(0) * s(150)), rel=1e-12)
+    assert s(30) / s(0) == pytest.approx(s(60) / s(30), rel=1e-12)
+
+
+def test_cosine_warmup_is_linear_and_ends_at_final():
+    s = make_schedule({"kind": "cosine", "peak": 1e-3, "warmup_epochs": 20, "final_factor": 1e-5}, 820)
+    assert isinstance(s, WarmupCosine)
+    assert s(0) == 0.0 and s(20) == pytest.approx(1e-3)
+    w = np.array([s(e) for e in np.linspace(0, 20, 41)])
+    assert np.allclose(np.diff(w), np.diff(w)[0])  # linear warm-up
+    assert s(820) == pytest.approx(1e-8, rel=1e-9)
+    assert s(900) == pytest.approx(1e-8, rel=1e-9)
+    assert s(420) == pytest.approx((1e-3 + 1e-8) / 2)  # half-way through the cosine
+    after = np.array([s(e) for e in np.linspace(20, 820, 801)])
+    assert np.all(np.diff(after) <= 0)  # decreasing after warm-up
+    a = make_schedule({"kind": "cosine", "peak": 2.0, "warmup_fraction": 0.1, "warmup_start": 1.0,
+                       "final": 0.5}, 100)
+    assert a(0) == 1.0 and a(5) == pytest.approx(1.5) and a(10) == 2.0 and a(100) == 0.5
+
+
+def test_exp_decay_gloro_lr():
+    s = make_schedule({"kind": "exp_decay", "value": 1e-3, "final": 1e-6, "decay_start_fraction": 0.5},
+                      TOTAL)
+    assert isinstance(s, ExpDecay)
+    assert all(s(e) == 1e-3 for e in (0, 75.3, 150))
+    assert s(300) == 1e-6 and s(310) == 1e-6
+    assert s(225) == pytest.approx(math.sqrt(1e-3 * 1e-6), rel=1e-12)
+    v = values(s)
+    assert np.all(np.diff(v) <= 0)
+    # geometric: constant ratio per epoch during the decay
+    assert s(200) / s(180) == pytest.approx(s(260) / s(240), rel=1e-12)
+    e = make_schedule({"kind": "exp_decay", "value": 2.5e-4, "final_factor": 2e-3, "decay_start": 125}, 250)
+    assert e(125) == 2.5e-4 and e(250) == pytest.approx(5e-7)
+
+
+def test_repr_is_informative():
+    s = make_schedule({"kind": "log", "start": 0.01, "end": 1.0, "ramp_epochs": 10}, 20)
+    assert repr(s) == "LogRamp(start=0.01, end=1, ramp_epochs=10)"
+    assert "ExpDecay(" in repr(make_schedule({"kind": "exp_decay", "value": 1, "final": 0.1}, 5))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"kind": "sawtooth", "value": 1}, "kind"),
+    ({"value": 1}, "kind"),
+    ({"kind": "linear", "start": 0, "end": 1, "ramp_epochs": 5, "ramp": 3},
+     r"unknown key 'ramp'.*allowed keys: start"),
+    ({"kind": "linear", "start": 0, "end": 1}, r"missing key 'ramp_epochs'"),
+    ({"kind": "linear", "start": 0, "ramp_epochs": 3}, r"missing key 'end'"),
+    ({"kind": "linear", "start": 0, "end": 1, "ramp_epochs": 5, "ramp_fraction": 0.5}, "not both"),
+    ({"kind": "linear", "start": -1, "end": 1, "ramp_epochs": 5}, r"'start' must be finite and >= 0"),
+    ({"kind": "linear", "start": 0, "end": "big", "ramp_epochs": 5}, r"'end' must be a number"),
+    ({"kind": "log", "start": 0, "end": 1, "ramp_epochs": 5}, "start > 0"),
+    ({"kind": "log", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5}, "no base"),
+    ({"kind": "cosine", "warmup_epochs": 2}, r"missing key 'peak'"),
+    ({"kind": "cosine", "peak": 1, "warmup_epochs": 200}, "warm-up"),
+    ({"kind": "exp_decay", "value": 1e-3, "final": 0}, "final > 0"),
+    ({"kind": "exp_decay", "value": 1e-3}, r"missing key 'final'"),
+    (-0.5, ">= 0"),
+    ("fast", "number or a dict"),
+])
+def test_bad_specs_raise(spec, match):
+    with pytest.raises(ValueError, match=match):
+        make_schedule(spec, 100)
+
+
+def test_bad_total_and_base():
+    with pytest.raises(ValueError, match="total_epochs"):
+        make_schedule(1.0, 0)
+    with pytest.raises(ValueError, match="base"):
+        make_schedule(None, 10)
