@@ -15,7 +15,6 @@ from gloronet.losses import emma_loss
 from gloronet.nn import orthogonal
 from gloronet.nn.orthogonal import (
     CholeskyOrthConv2d,
-    CholeskyOrthFunction,
     CholeskyOrthLinear,
     ChordLinear,
     ChordMLP,
@@ -61,9 +60,9 @@ def test_block_bound_sound_and_tight(width, hw, k):
     block = LiResBlock(width, hw, depth=2, kernel_size=k, activation=False)
     _perturb_(block, 0.5)
     block.running_mean.normal_()
-    block.eval()
+    block.double().eval()  # bound and explicit matrix of exactly the same float64 operator
     bound = block.lipschitz_bound()
-    exact = exact_norm(block, (width, *hw))  # float64 copy: same float32-representable kernel
+    exact = exact_norm(block, (width, *hw))
     assert exact <= bound <= TIGHT * exact
     assert bound <= exact * (1 + 1e-6)  # small maps take the exact (explicit-matrix) path
     est = float(block.double().lipschitz(n_iter=300).detach())
@@ -75,7 +74,7 @@ def test_block_fft_bound_tightness():
     torch.manual_seed(1)
     block = LiResBlock(4, (16, 16), depth=4, activation=False)
     _perturb_(block, 0.5)
-    block.eval()
+    block.double().eval()
     fft = bounds.conv2d_norm_bound(block.kernel().detach(), block.input_hw, 1, block.pads, exact_max_dim=0)
     exact = exact_norm(block, (4, 16, 16))
     assert exact <= fft <= TIGHT * exact
@@ -153,7 +152,7 @@ def test_stack_bound_covers_composition():
     torch.manual_seed(0)
     stack = LiResStack(3, 4, (4, 4), activation=False)
     _perturb_(stack, 0.7)
-    stack.eval()
+    stack.double().eval()
     bound = stack.lipschitz_bound()
     assert bound == bounds.mul_up(*(b.lipschitz_bound() for b in stack.blocks))
     exact = exact_norm(stack, (4, 4, 4))
@@ -263,6 +262,12 @@ def test_cholesky_fp32_under_autocast_and_eval_cache():
         assert layer.compute_weight().dtype == torch.float32
         y = layer(torch.randn(4, 16))
     assert y.dtype == torch.bfloat16
+    x = torch.randn(4, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = cholesky_orth(x)
+    assert w.dtype == torch.float32
+    w.sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     layer.eval()
     w1 = layer.produced_weight()
     assert layer.produced_weight() is w1  # cached
@@ -394,3 +399,14 @@ def test_stems():
         assert big(torch.rand(2, 3, 96, 96)).shape == (2, 3)
     with pytest.raises(ValueError, match="stem must be"):
         liresnet.create("liresnet-1l6w", (3, 32, 32), 3, stem="bogus")
+
+
+def test_amp_training_step():
+    torch.manual_seed(0)
+    net = models.create("chord", (3, 8, 8), 3, 0.1, depth=2, width=4, dense_width=8, dense_depth=2)
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = emma_loss(net(x).float(), y, net.pairwise_lipschitz(), net.epsilon)
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bounds import GRAM_SLACK, round_up
+from .bounds import GRAM_SLACK, pow2_scale
 from .nn.base import lipschitz_bound_of, lipschitz_estimate_of
 
 
@@ -49,6 +49,8 @@ def pairwise_row_distances_bound(w: torch.Tensor) -> torch.Tensor:
     most ``D·u`` relative, covered by ``GRAM_SLACK``; the square root is rounded upwards.
     """
     w = w.detach().to(torch.float64).cpu()
+    scale = pow2_scale(w)  # exact; keeps squares of tiny differences from underflowing
+    w = w / scale
     c, d = w.shape
     out = torch.empty(c, c, dtype=torch.float64)
     rows = max(1, (1 << 24) // max(1, c * d))
@@ -56,7 +58,7 @@ def pairwise_row_distances_bound(w: torch.Tensor) -> torch.Tensor:
         diff = w[start : start + rows, None, :] - w[None, :, :]
         out[start : start + rows] = (diff * diff).sum(dim=-1)
     out = (out * (1 + GRAM_SLACK)).sqrt()
-    out = torch.nextafter(out, torch.full_like(out, math.inf))
+    out = torch.nextafter(out, torch.full_like(out, math.inf)) * scale  # × 2^k: exact (or inf)
     out.fill_diagonal_(0.0)
     return out
 

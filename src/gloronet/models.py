@@ -94,3 +94,5 @@ def _register_conv_net(name: str) -> None:
 
 for _name in CONV_NETS:
     _register_conv_net(_name)
+
+from . import liresnet  # noqa: E402,F401  (registers liresnet-* and chord-*)

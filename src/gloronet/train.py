@@ -77,6 +77,21 @@ def _write_log(out: Path, rows: list[dict]) -> None:
     atomic_write(out / "log.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
+def train_step(step_module: nn.Module, opt, loss_fn, x, y, eps: float, lam: float | None, cfg: TrainConfig, device):
+    """One optimizer step; returns (loss, logits, bottom_logits), all from the training estimate."""
+    with autocast_for(cfg, device):
+        logits, K = step_module(x)
+    logits = logits.float()
+    bottom = append_bottom_logit(logits, K, eps)
+    loss = loss_fn(logits=logits, bottom_logits=bottom, K=K, labels=y, epsilon=eps, lam=lam)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+    opt.step()
+    return loss, logits, bottom
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the last log row."""
     cfg.validate()
@@ -131,17 +146,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             eps, lr = eps_at(t), lr_at(t)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with autocast_for(cfg, device):
-                logits, K = step_module(x)
-            logits = logits.float()
-            bottom = append_bottom_logit(logits, K, eps)
-            loss = loss_fn(logits=logits, bottom_logits=bottom, K=K, labels=y, epsilon=eps,
-                           lam=lam_at(t) if lam_at is not None else None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
+            loss, logits, bottom = train_step(step_module, opt, loss_fn, x, y, eps, lam_at(t) if lam_at else None, cfg, device)
             with torch.no_grad():
                 pred = bottom.argmax(1)
                 sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), (pred == y).sum(),

@@ -5,10 +5,19 @@ from .conv import LipConv2d
 from .head import LLNLinear
 from .linear import LipLinear
 from .normalize import Normalize
+from .orthogonal import CholeskyOrthConv2d, CholeskyOrthLinear, ChordLinear, ChordMLP, cholesky_orth
 from .reshape import Flatten, InvertibleDownsampling
+from .residual import LiResBlock, LiResStack
 from .sequential import Sequential
 
 __all__ = [
+    "CholeskyOrthConv2d",
+    "CholeskyOrthLinear",
+    "ChordLinear",
+    "ChordMLP",
+    "LiResBlock",
+    "LiResStack",
+    "cholesky_orth",
     "Flatten",
     "InvertibleDownsampling",
     "LLNLinear",

@@ -74,12 +74,14 @@ class CholeskyOrthFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         w, L = ctx.saved_tensors
-        lt = L.mT
-        b = torch.linalg.solve_triangular(lt, g, upper=True)  # B = L⁻ᵀ G
-        a = -(b @ w.mT).tril()  # Ā = ∂ℓ/∂L
-        c = (lt @ a).tril()
-        c = c + c.tril(-1).mT  # sym(·)
-        gx = torch.linalg.solve_triangular(lt, c, upper=True) @ w + b
+        with _no_autocast(g):
+            g = g.to(w.dtype)
+            lt = L.mT
+            b = torch.linalg.solve_triangular(lt, g, upper=True)  # B = L⁻ᵀ G
+            a = -(b @ w.mT).tril()  # Ā = ∂ℓ/∂L
+            c = (lt @ a).tril()
+            c = c + c.tril(-1).mT  # sym(·)
+            gx = torch.linalg.solve_triangular(lt, c, upper=True) @ w + b
         return gx, None, None
 
 
@@ -89,9 +91,11 @@ def cholesky_orth(x: torch.Tensor, eps: float = DEFAULT_EPS, relative: bool = Tr
         raise ValueError(f"cholesky_orth needs a matrix (…, n, m), got shape {tuple(x.shape)}")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if x.shape[-2] > x.shape[-1]:
-        return CholeskyOrthFunction.apply(x.mT, float(eps), bool(relative)).mT
-    return CholeskyOrthFunction.apply(x, float(eps), bool(relative))
+    with _no_autocast(x):  # Cholesky needs fp32 at least, also inside an autocast region
+        x = _full_precision(x)
+        if x.shape[-2] > x.shape[-1]:
+            return CholeskyOrthFunction.apply(x.mT, float(eps), bool(relative)).mT
+        return CholeskyOrthFunction.apply(x, float(eps), bool(relative))
 
 
 def cholesky_orth_reference(x: torch.Tensor, eps: float = DEFAULT_EPS, relative: bool = True) -> torch.Tensor:

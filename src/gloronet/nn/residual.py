@@ -142,15 +142,17 @@ class LiResBlock(LipschitzModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
+        c = self.kernel_size // 2  # stride 1, odd kernel: 'same' padding is symmetric
         if self.centering and self.training:
-            r = conv2d_apply(x, self.residual_kernel(), 1, self.pads)
+            r = F.conv2d(x, self.residual_kernel(), padding=c)
             mean = r.mean(dim=(0, 2, 3))
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-            out = x + r + (self.bias - mean).view(1, -1, 1, 1)
+            out = x + r + (self.bias - mean).to(r.dtype).view(1, -1, 1, 1)
         else:
             shift = self.bias - self.running_mean if self.centering else self.bias
-            out = conv2d_apply(x, self.kernel(), 1, self.pads) + shift.view(1, -1, 1, 1)
+            out = F.conv2d(x, self.kernel(), padding=c)
+            out = out + shift.to(out.dtype).view(1, -1, 1, 1)
         return self.act(out)
 
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:

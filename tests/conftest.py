@@ -1,0 +1,95 @@
+"""Shared oracles for the bound / layer / GloroNet tests.
+
+Every oracle here is independent of ``gloronet.bounds``: operators are materialised by feeding
+impulses through the layer's own ``forward`` (in a float64 copy, bias removed by subtracting the
+response to zero), norms come from a full SVD (``torch.linalg.matrix_norm(A, 2)``), and
+adjoints come from autograd, never from ``bounds.conv2d_adjoint``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import torch
+
+
+def f64_copy(layer: torch.nn.Module) -> torch.nn.Module:
+    """A float64 deep copy (float32 -> float64 is exact, so it is the same linear map)."""
+    return copy.deepcopy(layer).double()
+
+
+def impulse_matrix(layer: torch.nn.Module, in_shape) -> torch.Tensor:
+    """Explicit (d_out, d_in) float64 matrix of the linear part of ``layer`` on inputs ``in_shape``.
+
+    Built from the layer's actual forward on the identity batch; the bias is removed by
+    subtracting ``layer(0)``.
+    """
+    lay = f64_copy(layer)
+    d_in = 1
+    for s in in_shape:
+        d_in *= int(s)
+    with torch.no_grad():
+        eye = torch.eye(d_in, dtype=torch.float64).view(d_in, *in_shape)
+        out = lay(eye) - lay(torch.zeros(1, *in_shape, dtype=torch.float64))
+    return out.reshape(d_in, -1).t().contiguous()
+
+
+def exact_norm(a: torch.Tensor) -> float:
+    """Spectral norm by full SVD in float64."""
+    return float(torch.linalg.matrix_norm(a.to(torch.float64), 2))
+
+
+def power_norm(layer: torch.nn.Module, in_shape, iters: int = 300, seed: int = 0, dtype=torch.float64) -> float:
+    """Lower bound of the operator norm of the linear part of ``layer`` (float64 power iteration).
+
+    The adjoint is obtained by autograd (vector-Jacobian product) of the layer's own forward, so
+    it is independent of ``bounds.conv2d_adjoint``. ``‖A v‖`` with ``‖v‖ = 1`` never exceeds the
+    true norm, so ``bound / power_norm <= 1.05`` proves a bound is within 5% of the truth.
+    The iterations may run in float32 (speed); the final ``‖A v‖/‖v‖`` is evaluated in float64.
+    """
+    lay64 = f64_copy(layer)
+    lay = lay64 if dtype == torch.float64 else copy.deepcopy(layer).to(dtype)
+    for m in (lay, lay64):
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+    def apply(m, v):
+        return m(v) - m(torch.zeros_like(v[:1]))
+
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, *in_shape, dtype=torch.float64, generator=g).to(dtype)
+    v = v / v.norm()
+    for _ in range(iters):
+        v = v.detach().requires_grad_(True)
+        u = apply(lay, v)
+        (w,) = torch.autograd.grad(u, v, grad_outputs=u.detach())  # A^T A v
+        v = w / w.norm()
+    with torch.no_grad():
+        v = v.detach().to(torch.float64)
+        return float(apply(lay64, v).norm() / v.norm())
+
+
+def randomize_(module: torch.nn.Module, gen: torch.Generator, scale: float = 1.0) -> None:
+    """Replace every weight by a non-orthogonal random one (randn, random overall scale)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight"):
+                fan_in = p[0].numel()
+                s = scale * float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)) / fan_in**0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests on one intra-op thread (restored afterwards).
+
+    The suite runs on 2 cores shared with other jobs; with 2 OpenMP threads on an oversubscribed
+    machine the spin-waits at every parallel region made these tiny-tensor tests ~30x slower.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
