@@ -146,6 +146,23 @@ def test_grouped_conv_on_small_map_is_tight():
     assert bound <= TIGHT * exact
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: with min(d_in, d_out) just above EXACT_MAX_DIM=2048 conv2d_norm_bound falls back "
+    "to the circular/FFT bound, which on small maps with large kernels is ~1.09-1.10x the true "
+    "norm (here 33 channels, k=5, 8x8, d=2112); DESIGN.md requires <= 1.05x",
+)
+def test_ungrouped_conv_just_above_exact_max_dim_is_tight():
+    """LipConv2d(33, 33, 5, 'same') at 8x8 (orthogonal init, as built by the models): the chosen
+    bound must be within 1.05x of the exact norm (full SVD of the 2112x2112 impulse matrix)."""
+    torch.manual_seed(0)
+    layer = LipConv2d(33, 33, 5, padding="same", bias=False, input_size=(8, 8))
+    exact = _conv_exact(layer)
+    bound = layer.lipschitz_bound()
+    assert bound >= exact
+    assert bound <= TIGHT * exact
+
+
 # --------------------------------------------------------------------------- dense
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (7, 3), (64, 64), (100, 30), (10, 513)])
 def test_dense_bound_vs_svd(shape):
@@ -275,16 +292,16 @@ def test_power_iteration_converges_from_below():
     for layer, in_shape in [(conv, (3, 10, 9)), (dense, (20,))]:
         exact = exact_norm(impulse_matrix(layer, in_shape))
         layer.eval()
-        first = float(layer.lipschitz())  # n_iter=0 in eval mode: no update
+        first = float(layer.lipschitz().detach())  # n_iter=0 in eval mode: no update
         assert first <= exact * (1 + 1e-5)
-        est = float(layer.lipschitz(n_iter=300))
+        est = float(layer.lipschitz(n_iter=300).detach())
         assert 0.999 * exact <= est <= exact * (1 + 1e-5)
-        assert float(layer.lipschitz()) == pytest.approx(est, rel=1e-6)  # iterate was kept
+        assert float(layer.lipschitz().detach()) == pytest.approx(est, rel=1e-6)  # iterate was kept
     conv2 = _random_conv(4, 1, 1, 2, 4, 4, (7, 8), seed=22)
     exact = exact_norm(impulse_matrix(conv2, (4, 7, 8)))
     conv2.train()
     for _ in range(300):
-        est = float(conv2.lipschitz())
+        est = float(conv2.lipschitz().detach())
         assert est <= exact * (1 + 1e-5)
     assert est >= 0.999 * exact
 

@@ -111,8 +111,8 @@ def power_iteration_dense(weight: torch.Tensor, u: torch.Tensor, n_iter: int = 1
             v = _normalize(w.t() @ u)
             u.copy_(_normalize(w @ v))
         v = _normalize(w.t() @ u)
-    with _fp32(weight):
-        return torch.dot(u.to(weight.dtype), weight @ v.to(weight.dtype))
+    with _fp32(weight):  # clone: the buffer is updated in place by later calls (autograd-safe)
+        return torch.dot(u.to(weight.dtype).clone(), weight @ v.to(weight.dtype))
 
 
 def power_iteration_conv2d(weight, v, stride: int, padding: Padding, groups: int = 1, n_iter: int = 1):
@@ -127,8 +127,8 @@ def power_iteration_conv2d(weight, v, stride: int, padding: Padding, groups: int
         for _ in range(n_iter):
             u = _normalize(conv2d_apply(v, w, stride, padding, groups))
             v.copy_(_normalize(conv2d_adjoint(u, w, hw, stride, padding, groups)))
-    with _fp32(weight):
-        return conv2d_apply(v.to(weight.dtype), weight, stride, padding, groups).flatten().norm()
+    with _fp32(weight):  # clone: the buffer is updated in place by later calls (autograd-safe)
+        return conv2d_apply(v.to(weight.dtype).clone(), weight, stride, padding, groups).flatten().norm()
 
 
 # --------------------------------------------------------------------------- exact bounds

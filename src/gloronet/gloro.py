@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bounds import GRAM_SLACK, pow2_scale
+from .bounds import GRAM_SLACK
 from .nn.base import lipschitz_bound_of, lipschitz_estimate_of
 
 
@@ -45,20 +45,21 @@ def pairwise_row_distances(w: torch.Tensor) -> torch.Tensor:
 def pairwise_row_distances_bound(w: torch.Tensor) -> torch.Tensor:
     """Provable upper bounds of ``‖w_j − w_i‖₂`` in float64 (C, C), diagonal 0.
 
-    Differences of float32 values are exact in float64; a ``D``-term sum of squares errs by at
-    most ``D·u`` relative, covered by ``GRAM_SLACK``; the square root is rounded upwards.
+    Differences of float32 values are exact in float64. Each difference vector is divided by its
+    own power of two ``s`` (exact) so that no square underflows, then a ``D``-term sum of squares
+    errs by at most ``D·u`` relative (covered by ``GRAM_SLACK``); the square root is rounded up.
     """
     w = w.detach().to(torch.float64).cpu()
-    scale = pow2_scale(w)  # exact; keeps squares of tiny differences from underflowing
-    w = w / scale
     c, d = w.shape
     out = torch.empty(c, c, dtype=torch.float64)
     rows = max(1, (1 << 24) // max(1, c * d))
     for start in range(0, c, rows):
         diff = w[start : start + rows, None, :] - w[None, :, :]
-        out[start : start + rows] = (diff * diff).sum(dim=-1)
-    out = (out * (1 + GRAM_SLACK)).sqrt()
-    out = torch.nextafter(out, torch.full_like(out, math.inf)) * scale  # × 2^k: exact (or inf)
+        peak = diff.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(peak > 0, torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1), torch.ones_like(peak))
+        norm = ((diff / scale) ** 2).sum(dim=-1).mul(1 + GRAM_SLACK).sqrt()
+        norm = torch.nextafter(norm, torch.full_like(norm, math.inf))
+        out[start : start + rows] = norm * scale.squeeze(-1)  # × 2^k: exact (or inf)
     out.fill_diagonal_(0.0)
     return out
 
@@ -111,7 +112,7 @@ class GloroNet(nn.Module):
         self.head = head
         self.epsilon = epsilon
         head_weight(head)  # fail early on an unsupported head
-        self._bound_cache: tuple[list[torch.Tensor], float, torch.Tensor] | None = None
+        self._bound_cache: tuple | None = None  # (structure, snapshot, L, K)
         self.config: dict | None = None  # construction arguments, set by gloronet.models.create
 
     @property
@@ -148,14 +149,18 @@ class GloroNet(nn.Module):
     def _sound_bounds(self) -> tuple[float, torch.Tensor]:
         """(L_body, K), recomputed only when a parameter or buffer changed.
 
-        The cache is checked against an exact copy of every parameter and buffer (iterates
-        excepted), so any change of a weight — in place, through ``.data``, by an optimizer or by
-        loading — triggers a recomputation.
+        The cache is checked against the module structure and an exact copy of every parameter
+        and buffer (iterates excepted), so any change of a weight — in place, through ``.data``,
+        by an optimizer or by loading — or a swapped submodule triggers a recomputation.
         """
         tensors = self._bound_tensors()
+        structure = [(name, m) for name, m in self.named_modules() if m is not self]
         if self._bound_cache is not None:
-            snapshot, L, K = self._bound_cache
-            if len(snapshot) == len(tensors) and all(
+            cached_structure, snapshot, L, K = self._bound_cache
+            same_modules = len(cached_structure) == len(structure) and all(
+                n1 == n2 and m1 is m2 for (n1, m1), (n2, m2) in zip(cached_structure, structure)
+            )  # references held: a swapped-out module's id cannot be reused
+            if same_modules and len(snapshot) == len(tensors) and all(
                 s.shape == t.shape and s.dtype == t.dtype and s.device == t.device and torch.equal(s, t.detach())
                 for s, t in zip(snapshot, tensors)
             ):
@@ -165,7 +170,7 @@ class GloroNet(nn.Module):
             K = pairwise_row_distances_bound(head_weight(self.head)) * L
             K = torch.nextafter(K, torch.full_like(K, math.inf))  # product rounded up
             K.fill_diagonal_(0.0)
-        self._bound_cache = ([t.detach().clone() for t in tensors], L, K)
+        self._bound_cache = (structure, [t.detach().clone() for t in tensors], L, K)
         return L, K
 
     def lipschitz_bound(self) -> float:
@@ -191,13 +196,14 @@ class GloroNet(nn.Module):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"certify needs float32 or float64 weights, the model is in {dtype}: call net.float() first")
         K = self.lipschitz_constant()
-        was_training = self.training
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
             with _exact_arithmetic(), torch.autocast(device_type=x.device.type, enabled=False):
                 logits = self(x.to(dtype))
         finally:
-            self.train(was_training)
+            for m, mode in modes:  # restore each module's own mode (not recursively)
+                m.training = mode
         y = logits.to(torch.float64)
         if y.dim() != 2 or y.shape[1] < 2:
             raise ValueError(f"certification needs logits of shape (B, C>=2), got {tuple(y.shape)}")
