@@ -70,18 +70,6 @@ def power_norm(layer: torch.nn.Module, in_shape, iters: int = 300, seed: int = 0
         return float(apply(lay64, v).norm() / v.norm())
 
 
-def randomize_(module: torch.nn.Module, gen: torch.Generator, scale: float = 1.0) -> None:
-    """Replace every weight by a non-orthogonal random one (randn, random overall scale)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight"):
-                fan_in = p[0].numel()
-                s = scale * float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)) / fan_in**0.5
-                p.copy_(torch.randn(p.shape, generator=gen) * s)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tests on one intra-op thread (restored afterwards).

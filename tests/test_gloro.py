@@ -181,7 +181,7 @@ def test_linear_classifier_radius_is_exact_distance_to_boundary(body_kind, head_
     # and just beyond the radius the prediction really flips: walk to the closest boundary
     n = int(exact.argmin())
     z = x[n : n + 1]
-    y = net(z)[0]
+    y = net(z)[0].detach()
     j = int(y.argmax())
     w = net.head.weight.detach()
     if head_kind == "lln":
@@ -230,7 +230,7 @@ def test_tiny_single_weight_layer_bound():
     with torch.no_grad():
         lin.weight.zero_()
         lin.weight[2, 1] = 1e-5
-    w = float(lin.weight[2, 1])
+    w = float(lin.weight.detach()[2, 1])
     net = gloronet.GloroNet(Sequential(lin), LipLinear(4, 3), 0.1)
     assert net.lipschitz_bound() >= w
     K = net.lipschitz_constant()
@@ -392,6 +392,18 @@ def test_non_finite_inputs_never_certify():
         assert int(c.pred[r]) == int(clean.pred[r])
 
 
+def test_non_finite_input_with_finite_logits_never_certifies():
+    """A -Inf pixel that the body maps to a finite value (ReLU(-inf) = 0) still never certifies:
+    the input itself is checked, not only the logits."""
+    head = LipLinear(4, 3)
+    net = gloronet.GloroNet(Sequential(nn.ReLU(), Flatten()), head, 0.0)
+    x = torch.tensor([[1.0, 2.0, 0.5, 0.0], [1.0, 2.0, 0.5, -math.inf]])
+    c = net.certify(x)
+    assert torch.isfinite(c.logits).all() and torch.equal(c.logits[0], c.logits[1])
+    assert bool(c.certified[0]) and float(c.radius[0]) > 0
+    assert not bool(c.certified[1]) and float(c.radius[1]) == 0.0
+
+
 @pytest.mark.parametrize("where", ["head", "body"])
 def test_nan_weights_certify_nothing(where):
     """A NaN anywhere in the head or body weights certifies nothing (radius 0 everywhere)."""
@@ -496,6 +508,34 @@ def test_certify_preserves_submodule_modes():
     net.body[3].eval()
     net.certify(torch.randn(2, 1, 6, 6))
     assert net.training and not net.body[3].training
+
+
+class _ModeProbe(gloronet.nn.LipschitzModule):
+    """Identity (bound 1) that records the mode its forward ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(self.training)
+        return x
+
+    def lipschitz(self):
+        return torch.ones(())
+
+    def lipschitz_bound(self):
+        return 1.0
+
+
+def test_certify_runs_forward_in_eval_mode():
+    """The certifying forward pass runs in eval mode even when the net is training (train-mode
+    behaviour such as batch statistics must not leak into a certificate); the mode is restored."""
+    probe = _ModeProbe()
+    net = gloronet.GloroNet(Sequential(Flatten(), probe, LipLinear(4, 4)), LipLinear(4, 3), 0.0).train()
+    net.certify(torch.randn(3, 4))
+    assert probe.seen == [False]
+    assert net.training and probe.training
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

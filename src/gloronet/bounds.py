@@ -249,8 +249,8 @@ def conv2d_norm_bound(
 
     Grouped convolutions are bounded group by group (block-diagonal operator). Exact (explicit
     matrix) when ``min(d_in, d_out) ≤ exact_max_dim`` and the matrix fits in memory; otherwise
-    the circular/FFT bound, which is within ~1% of exact for 14×14 maps and
-    larger (tests/test_bounds.py measures it). Both are sound; the smaller is returned.
+    the circular/FFT bound (measured on 14–16 px maps: ≤ 1% loose for k ≤ 2, ~1.5% for k = 3,
+    up to ~5–10% for k = 5; tests/test_bounds.py). Both are sound; the smaller is returned.
     """
     if groups > 1:  # block-diagonal over groups: the norm is the largest block's norm, exactly
         co_g = weight.shape[0] // groups
