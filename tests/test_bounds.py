@@ -146,12 +146,6 @@ def test_grouped_conv_on_small_map_is_tight():
     assert bound <= TIGHT * exact
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with min(d_in, d_out) just above EXACT_MAX_DIM=2048 conv2d_norm_bound falls back "
-    "to the circular/FFT bound, which on small maps with large kernels is ~1.09-1.10x the true "
-    "norm (here 33 channels, k=5, 8x8, d=2112); DESIGN.md requires <= 1.05x",
-)
 def test_ungrouped_conv_just_above_exact_max_dim_is_tight():
     """LipConv2d(33, 33, 5, 'same') at 8x8 (orthogonal init, as built by the models): the chosen
     bound must be within 1.05x of the exact norm (full SVD of the 2112x2112 impulse matrix)."""

@@ -70,13 +70,13 @@ def certify_dataset(
 
 
 def markdown_table(report: dict, title: str = "") -> str:
-    lines = [f"### {title}" if title else "", f"clean accuracy: **{100 * report['clean_accuracy']:.2f}%** "
+    lines = [f"### {title}\n" if title else "", f"clean accuracy: **{100 * report['clean_accuracy']:.2f}%** "
              f"(n = {report['n']}, Lipschitz bound of the body {report['lipschitz_bound']:.4g})", "",
              "| ε | VRA |", "|---:|---:|"]
     for eps, v in report["vra"].items():
         mark = " (target)" if math.isclose(float(eps), report["epsilon"]) else ""
         lines.append(f"| {eps}{mark} | {100 * v:.2f}% |")
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def plot_report(report: dict, path: str | Path) -> bool:

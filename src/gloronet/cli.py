@@ -12,9 +12,8 @@ def _train(args, overrides: list[str]) -> int:
     from .config import build_config
     from .train import train
 
-    cfg = build_config(args.config, overrides)
-    if args.resume and args.out and (Path(args.out) / "config.yaml").exists() and not args.config:
-        cfg = build_config(Path(args.out) / "config.yaml", overrides)
+    saved = Path(args.out) / "config.yaml"
+    cfg = build_config(saved if args.resume and not args.config and saved.exists() else args.config, overrides)
     row = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"done: {args.out}  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
     return 0

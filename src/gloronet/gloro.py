@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bounds import GRAM_SLACK
+from .bounds import GRAM_SLACK, pow2_scales
 from .nn.base import lipschitz_bound_of, lipschitz_estimate_of
 
 
@@ -56,7 +56,7 @@ def pairwise_row_distances_bound(w: torch.Tensor) -> torch.Tensor:
     for start in range(0, c, rows):
         diff = w[start : start + rows, None, :] - w[None, :, :]
         peak = diff.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(peak > 0, torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1), torch.ones_like(peak))
+        scale = pow2_scales(peak)
         norm = ((diff / scale) ** 2).sum(dim=-1).mul(1 + GRAM_SLACK).sqrt()
         norm = torch.nextafter(norm, torch.full_like(norm, math.inf))
         out[start : start + rows] = norm * scale.squeeze(-1)  # × 2^k: exact (or inf)
