@@ -527,6 +527,9 @@ class _ModeProbe(gloronet.nn.LipschitzModule):
     def lipschitz_bound(self):
         return 1.0
 
+    def error_model(self, in_shape, dtype, lip):
+        return gloronet.fp.exact_model(lip)
+
 
 def test_certify_runs_forward_in_eval_mode():
     """The certifying forward pass runs in eval mode even when the net is training (train-mode

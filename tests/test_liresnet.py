@@ -269,11 +269,15 @@ def test_cholesky_fp32_under_autocast_and_eval_cache():
     w.sum().backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     layer.eval()
-    w1 = layer.produced_weight()
-    assert layer.produced_weight() is w1  # cached
+    w1 = layer._applied_weight()
+    assert layer._applied_weight() is w1  # cached
+    copy_ = layer.produced_weight()
+    assert torch.equal(copy_, w1) and copy_ is not w1
+    copy_.mul_(2)  # the public copy can be edited without touching what forward and bound read
+    assert torch.equal(layer._applied_weight(), w1) and not torch.equal(copy_, w1)
     with torch.no_grad():
         layer.raw_weight.data[0, 0] += 1.0  # even a change through .data invalidates it
-    w2 = layer.produced_weight()
+    w2 = layer._applied_weight()
     assert w2 is not w1 and not torch.equal(w1, w2)
     assert not w2.requires_grad
 

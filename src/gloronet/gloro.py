@@ -8,15 +8,27 @@ Leino, Wang & Fredrikson, "Globally-Robust Neural Networks", ICML 2021. For the 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .bounds import GRAM_SLACK, pow2_scales
-from .nn.base import lipschitz_bound_of, lipschitz_estimate_of
+from . import fp
+from . import radius as radius_mod
+from .bounds import GRAM_SLACK, mul_up, pow2_scales
+from .nn.base import (
+    UnboundedLayerError,
+    body_steps,
+    check_global_hooks,
+    check_map_is_described,
+    error_model_of,
+    lipschitz_bound_of,
+    lipschitz_estimate_of,
+    never_increases_norm,
+)
+from .nn.linear import LipLinear
+from .nn.state import MapState, map_tensors
 
 
 def check_epsilon(epsilon) -> float:
@@ -26,13 +38,34 @@ def check_epsilon(epsilon) -> float:
     return eps
 
 
+_LINEAR_FORWARDS = (nn.Linear.forward, LipLinear.forward)
+
+
 def head_weight(head: nn.Module) -> torch.Tensor:
-    """The (C, D) matrix the head multiplies by (row-normalised for an LLN head)."""
+    """The (C, D) matrix the head multiplies by in its current mode (differentiable in training)."""
     if hasattr(head, "head_weight"):
         return head.head_weight()
     if isinstance(head, nn.Linear) or (hasattr(head, "weight") and hasattr(head, "out_features")):
         return head.weight
     raise TypeError(f"the head must be a linear layer (LipLinear, LLNLinear or nn.Linear), got {type(head).__name__}")
+
+
+def applied_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """``(W, b, depth)``: the matrix and bias exactly as the eval-mode head applies them, and the
+    most roundings a term of a logit passes through (for the sound bounds).
+
+    Only heads whose forward is ``F.linear(h, W, b)`` are accepted (``LipLinear``, ``LLNLinear``,
+    ``nn.Linear``): the pairwise constants and the rounding analysis describe that map alone.
+    """
+    check_map_is_described(head)
+    if type(head).forward not in _LINEAR_FORWARDS:
+        raise UnboundedLayerError(
+            f"certification needs a linear head (LipLinear, LLNLinear or nn.Linear), got {type(head).__name__} "
+            "with its own forward()"
+        )
+    if isinstance(head, LipLinear):
+        return head.applied_weight(), head.bias, head.rounding_depth()
+    return head.weight.detach(), head.bias, head.weight.shape[1] + (head.bias is not None)
 
 
 def pairwise_row_distances(w: torch.Tensor) -> torch.Tensor:
@@ -76,35 +109,44 @@ def append_bottom_logit(logits: torch.Tensor, K: torch.Tensor, epsilon: float) -
 
 @dataclass
 class Certificate:
-    """Per-example certification result (all tensors have batch dimension B)."""
+    """Per-example certification result (all tensors have batch dimension B).
+
+    ``certified`` is exactly ``radius > epsilon``; ``radius`` is a lower bound of the distance
+    (L2, in input units) within which the prediction cannot change — for the floating-point
+    forward pass when ``arithmetic == "float"`` (default), for the exact real-valued network only
+    when ``arithmetic == "exact"``.
+    """
 
     pred: torch.Tensor  # (B,) predicted class
     certified: torch.Tensor  # (B,) bool: robust at radius epsilon
     radius: torch.Tensor  # (B,) float64 certified L2 radius (0 when not certifiable)
     logits: torch.Tensor  # (B, C) float64
     epsilon: float
+    arithmetic: str = "float"
 
 
-@contextlib.contextmanager
-def _exact_arithmetic():
-    """TF32 off and highest float32 matmul precision, restored afterwards."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+@dataclass
+class _Bounds:
+    """Everything certification derives from the weights, valid while ``state`` matches."""
+
+    state: MapState
+    dtype: torch.dtype
+    steps: list[nn.Module]  # the body's leaf layers, in order
+    lips: list[float]  # their Lipschitz bounds
+    L: float
+    D: torch.Tensor  # (C, C) float64 bounds of ‖w_j − w_i‖
+    K: torch.Tensor  # (C, C) L·D rounded up, diagonal 0
+    head: radius_mod.Head
+    profiles: dict = field(default_factory=dict)  # input shapes -> radius.Profile
+
+
+ARITHMETIC = ("float", "exact")
 
 
 class GloroNet(nn.Module):
     """``f = head ∘ body`` with a provable Lipschitz bound on ``body`` and a linear ``head``."""
+
+    _is_gloro_net = True  # refused as a layer of another GloroNet's body (gloronet.nn.base)
 
     def __init__(self, body: nn.Module, head: nn.Module, epsilon: float):
         super().__init__()
@@ -112,7 +154,7 @@ class GloroNet(nn.Module):
         self.head = head
         self.epsilon = epsilon
         head_weight(head)  # fail early on an unsupported head
-        self._bound_cache: tuple | None = None  # (structure, snapshot, L, K)
+        self._bound_cache: _Bounds | None = None
         self.config: dict | None = None  # construction arguments, set by gloronet.models.create
 
     @property
@@ -142,85 +184,126 @@ class GloroNet(nn.Module):
         return append_bottom_logit(self(x), self.pairwise_lipschitz(), eps)
 
     # -- certification: provable bounds ----------------------------------------------------------
-    def _bound_tensors(self) -> list[torch.Tensor]:
-        named = list(self.named_parameters()) + list(self.named_buffers())
-        return [t for name, t in named if not name.rsplit(".", 1)[-1].startswith("power_")]
+    def _model_dtype(self) -> torch.dtype:
+        """The one floating dtype of every tensor the map reads (mixed dtypes are refused: the
+        bound would describe a weight the forward pass casts)."""
+        dtypes = {t.dtype for m in self.modules() for _, t in map_tensors(m) if t.is_floating_point()}
+        if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+            found = ", ".join(sorted(str(d) for d in dtypes)) or "none"
+            raise ValueError(
+                f"certification needs all floating-point parameters and buffers in one dtype, float32 or float64; "
+                f"found {found}: call net.float() or net.double() first"
+            )
+        return dtypes.pop()
 
-    def _sound_bounds(self) -> tuple[float, torch.Tensor]:
-        """(L_body, K), recomputed only when a parameter or buffer changed.
+    def _check_certifiable(self) -> None:
+        check_global_hooks()
+        if type(self).forward is not GloroNet.forward or "forward" in vars(self):
+            raise UnboundedLayerError(f"{type(self).__name__} overrides GloroNet.forward: its map is not the one bounded")
+        for m in self.modules():
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
+                check_map_is_described(m)  # raises with the reason
 
-        The cache is checked against the module structure and an exact copy of every parameter
-        and buffer (iterates excepted), so any change of a weight — in place, through ``.data``,
-        by an optimizer or by loading — or a swapped submodule triggers a recomputation.
-        """
-        tensors = self._bound_tensors()
-        structure = [(name, m) for name, m in self.named_modules() if m is not self]
-        if self._bound_cache is not None:
-            cached_structure, snapshot, L, K = self._bound_cache
-            same_modules = len(cached_structure) == len(structure) and all(
-                n1 == n2 and m1 is m2 for (n1, m1), (n2, m2) in zip(cached_structure, structure)
-            )  # references held: a swapped-out module's id cannot be reused
-            if same_modules and len(snapshot) == len(tensors) and all(
-                s.shape == t.shape and s.dtype == t.dtype and s.device == t.device and torch.equal(s, t.detach())
-                for s, t in zip(snapshot, tensors)
-            ):
-                return L, K
+    def _sound_bounds(self) -> _Bounds:
+        """Bounds and head data, recomputed only when something that determines the map changed
+        (:class:`gloronet.nn.state.MapState`: modules, parameters, buffers, plain attributes)."""
+        self._check_certifiable()
+        dtype = self._model_dtype()
+        cache = self._bound_cache
+        if cache is not None and cache.dtype == dtype and cache.state.matches(self.body, self.head):
+            return cache
+        state = MapState(self.body, self.head)
         with torch.no_grad():
-            L = lipschitz_bound_of(self.body)
-            K = pairwise_row_distances_bound(head_weight(self.head)) * L
-            K = torch.nextafter(K, torch.full_like(K, math.inf))  # product rounded up
+            steps = body_steps(self.body)
+            lips = [lipschitz_bound_of(m) for m in steps]
+            L = mul_up(*lips)
+            w, b, depth = applied_head(self.head)
+            D = pairwise_row_distances_bound(w)
+            K = torch.nextafter(D * L, torch.full_like(D, math.inf))  # product rounded up
             K.fill_diagonal_(0.0)
-        self._bound_cache = (structure, [t.detach().clone() for t in tensors], L, K)
-        return L, K
+        head = radius_mod.Head.build(w, b, depth, dtype)
+        self._bound_cache = _Bounds(state, dtype, steps, lips, L, D, K, head)
+        return self._bound_cache
+
+    def _profile(self, bounds: _Bounds, shapes: tuple) -> radius_mod.Profile:
+        """The rounding analysis of the body and head for inputs of these per-step shapes."""
+        if shapes not in bounds.profiles:
+            models = [error_model_of(m, shape, bounds.dtype, lip) for m, shape, lip in zip(bounds.steps, shapes, bounds.lips)]
+            bounds.profiles[shapes] = radius_mod.make_profile(models, bounds.head, bounds.dtype)
+        return bounds.profiles[shapes]
 
     def lipschitz_bound(self) -> float:
         """Provable L2 Lipschitz bound of the body (float64, rounded up; cached)."""
-        return self._sound_bounds()[0]
+        return self._sound_bounds().L
 
     def lipschitz_constant(self) -> torch.Tensor:
         """Sound (C, C) float64 ``K_ji = L_body·‖w_j − w_i‖`` on the CPU; diagonal 0 (cached)."""
-        return self._sound_bounds()[1].clone()
+        return self._sound_bounds().K.clone()
 
     @torch.no_grad()
-    def certify(self, x: torch.Tensor, epsilon: float | None = None) -> Certificate:
-        """Certify each example of ``x`` at radius ε using only the provable bound.
+    def certify(self, x: torch.Tensor, epsilon: float | None = None, arithmetic: str = "float") -> Certificate:
+        """Certify each example of ``x`` at radius ε using only provable bounds.
 
-        The forward pass runs in eval mode, without autocast, with TF32 off; margins are compared
-        in float64. Ties, non-finite inputs, logits or bounds never certify.
+        ``arithmetic="float"`` (default): the certificate holds for this network's own
+        floating-point forward pass — for every ``x'`` with ``‖x' − x‖₂ < radius`` the model
+        computes the certified class (strictly), under the kernel assumptions of README "What a
+        certificate promises" (enforced here by :func:`gloronet.fp.sound_kernels`); hence also for
+        the exact network. ``arithmetic="exact"``: the real-arithmetic test of the GloRo paper,
+        which ignores rounding — for comparison with published numbers only.
+
+        The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
+        Ties and non-finite inputs, logits or bounds never certify; ``certified`` is exactly
+        ``radius > ε``.
         """
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
+        if arithmetic not in ARITHMETIC:
+            raise ValueError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             raise ValueError(f"certify expects a floating-point batch tensor (B, ...), got {type(x).__name__} "
                              f"{tuple(x.shape) if torch.is_tensor(x) else ''}")
-        dtype = next(self.parameters()).dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"certify needs float32 or float64 weights, the model is in {dtype}: call net.float() first")
-        K = self.lipschitz_constant()
+        bounds = self._sound_bounds()
+        device = next(iter(self.parameters())).device
+        xc = x.to(device=device, dtype=bounds.dtype, copy=True)
+        sound_fp = arithmetic == "float"
+        norms, shapes = [], []
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            with _exact_arithmetic(), torch.autocast(device_type=x.device.type, enabled=False):
-                logits = self(x.to(dtype))
+            with fp.sound_kernels(), torch.autocast(device_type=device.type, enabled=False):
+                h, measured = xc, True
+                for step in bounds.steps:
+                    if sound_fp:  # ‖input‖ of every step (re-used after steps that never lengthen)
+                        norms.append(fp.norm_upper(h) if measured else norms[-1])
+                        shapes.append(tuple(h.shape[1:]))
+                        measured = not never_increases_norm(step)
+                    h = step(h)
+                if sound_fp:
+                    norms.append(fp.norm_upper(h) if measured else norms[-1])
+                logits = self.head(h)
         finally:
             for m, mode in modes:  # restore each module's own mode (not recursively)
                 m.training = mode
-        y = logits.to(torch.float64)
-        if y.dim() != 2 or y.shape[1] < 2:
-            raise ValueError(f"certification needs logits of shape (B, C>=2), got {tuple(y.shape)}")
-        K = K.to(y.device)
-        pred = y.argmax(dim=1)
-        margins = y.gather(1, pred[:, None]) - y  # (B, C), y_j - y_i
-        Kj = K[pred]
-        own = torch.nn.functional.one_hot(pred, y.shape[1]).bool()
-        finite = torch.isfinite(y).all(dim=1) & torch.isfinite(x.flatten(1)).all(dim=1)
-        finite &= bool(torch.isfinite(K).all())
-        threshold = torch.nextafter(eps * Kj, torch.full_like(Kj, math.inf))  # ε·K rounded up
-        certified = ((margins > threshold) | own).all(dim=1) & finite
-        ratio = torch.where(Kj > 0, margins / Kj, torch.where(margins > 0, math.inf, 0.0))
-        ratio = torch.where(torch.isinf(ratio), ratio, torch.nextafter(ratio, torch.zeros_like(ratio)))  # rounded down
-        radius = ratio.masked_fill(own, math.inf).amin(dim=1).clamp_min(0.0)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"certification needs logits of shape (B, C>=2), got {tuple(logits.shape)}")
+        profile = self._profile(bounds, tuple(shapes)) if sound_fp else None
+        pred, radius = radius_mod.certified_radii(logits, bounds.K, bounds.D, profile, norms, h)
+        radius = _minus_cast_shift(radius, x, xc)
+        finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(xc.flatten(1)).all(dim=1).to(radius.device)
+        finite &= bool(torch.isfinite(bounds.K).all())
         radius = torch.where(finite, radius, torch.zeros_like(radius))
-        return Certificate(pred=pred, certified=certified, radius=radius, logits=y, epsilon=eps)
+        return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits.to(torch.float64),
+                           epsilon=eps, arithmetic=arithmetic)
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
+
+
+def _minus_cast_shift(radius: torch.Tensor, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    """Radius around the caller's ``x`` from the radius around its cast ``xc`` (the point the
+    model received): ``r − ‖x − xc‖`` rounded down; unchanged when the cast was exact."""
+    if torch.finfo(x.dtype).bits <= torch.finfo(xc.dtype).bits:
+        return radius  # widening (or same dtype): exact
+    shift = fp.norm_upper(x.to(device=xc.device, dtype=torch.float64) - xc.to(torch.float64)).to(radius.device)
+    shift = torch.nextafter(shift * fp.INFLATE, torch.full_like(shift, math.inf))
+    out = torch.nextafter(radius - shift, torch.full_like(radius, -math.inf)).clamp_min(0.0)
+    return torch.where(torch.isfinite(shift), out, torch.zeros_like(out))

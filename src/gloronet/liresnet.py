@@ -20,13 +20,14 @@ width ``dense_width=2048`` by default.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from . import models
+from . import fp, models
 from .gloro import GloroNet
 from .nn.activation import MinMax
 from .nn.base import LipschitzModule
@@ -53,7 +54,9 @@ _NAME_RE = re.compile(r"(?P<family>[a-z]+)-(?P<depth>\d+)l(?P<width>\d+)w")
 
 
 class InputShift(LipschitzModule):
-    """``x + shift``: a translation, so exactly 1-Lipschitz."""
+    """``x + shift``: a translation, so exactly 1-Lipschitz; one rounding per element,
+    ``|fl(x + s) − (x + s)| ≤ u|x + s|`` (the scalar may be rounded to the model's dtype first:
+    still a translation)."""
 
     def __init__(self, shift: float):
         super().__init__()
@@ -67,6 +70,13 @@ class InputShift(LipschitzModule):
 
     def lipschitz_bound(self) -> float:
         return 1.0
+
+    def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
+        u, root = fp.unit_roundoff(dtype), math.sqrt(math.prod(in_shape))
+        offset = fp.up(abs(self.shift) * (1 + u) * root)  # ‖φ(0)‖ with the rounded scalar
+        lam = fp.smallest_normal(dtype)
+        return fp.ErrorModel(lip=lip, rel=u, abs=fp.up(u * offset + 2 * lam * root), offset=offset,
+                             peak_rel=1.0 + u, peak_abs=fp.up((1 + u) * abs(self.shift) * (1 + u)))
 
     def extra_repr(self) -> str:
         return f"shift={self.shift}"

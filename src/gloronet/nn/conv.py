@@ -5,6 +5,11 @@ size it is applied to (given as ``input_size`` or taken from the first forward p
 other sizes: the bound always describes the map actually computed.
 
 Padding ``'same'`` follows TensorFlow (the odd pixel at the end), as in the original GloRo code.
+
+Rounding: each output sums ``n = (C_in/groups)·k²`` products, in eval mode in chunks of input
+channels (:mod:`gloronet.nn.accumulate`), then the bias is added: every term is rounded at most
+``d ≈ n/8`` times and ``‖ŷ − y‖ ≤ γ_d(‖|A|‖₂‖x‖ + ‖b‖)`` with ``‖|A|‖₂`` from
+:func:`gloronet.bounds.abs_conv2d_norm_bound` (:func:`gloronet.fp.dot_product_model`).
 """
 from __future__ import annotations
 
@@ -13,11 +18,22 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..bounds import conv2d_apply, conv2d_norm_bound, conv_output_size, power_iteration_conv2d, same_padding
+from .. import fp
+from ..bounds import (
+    abs_conv2d_norm_bound,
+    conv2d_apply,
+    conv2d_norm_bound,
+    conv_output_size,
+    power_iteration_conv2d,
+    same_padding,
+)
+from . import accumulate
 from .base import LipschitzModule
 
 
 class LipConv2d(LipschitzModule):
+    iterate_buffers = ("power_v",)
+
     def __init__(
         self,
         in_channels: int,
@@ -93,6 +109,8 @@ class LipConv2d(LipschitzModule):
                 f"LipConv2d was set up for {self.input_hw[0]}x{self.input_hw[1]} inputs (its Lipschitz bound "
                 f"depends on the input size) but got {hw[0]}x{hw[1]}; build a new model for this input size"
             )
+        if not self.training:
+            return accumulate.conv2d(x, self.weight, self.bias, self.stride, self.pads(hw), self.groups)
         out = conv2d_apply(x, self.weight, self.stride, self.pads(hw), self.groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
@@ -110,6 +128,14 @@ class LipConv2d(LipschitzModule):
     def lipschitz_bound(self) -> float:
         hw = self._require_input_size()
         return conv2d_norm_bound(self.weight, hw, self.stride, self.pads(hw), self.groups)
+
+    def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
+        ho, wo = self.output_hw(self._require_input_size())
+        abs_norm = abs_conv2d_norm_bound(self.weight, self.stride, self.groups)
+        n, c_in = self.weight[0].numel(), self.weight.shape[1]
+        bias = self.bias is not None
+        depth = accumulate.rounding_depth(n, c_in, bias) if self.groups == 1 else n + bias
+        return fp.affine_error_model(self.weight.flatten(1), self.bias, lip, dtype, ho * wo, abs_norm, depth)
 
     def extra_repr(self) -> str:
         return (

@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fp
 from ..bounds import dense_norm_bound, mul_up, power_iteration_dense
+from . import accumulate
 from .activation import MinMax
-from .base import LipschitzModule
+from .base import EvalCache, LipschitzModule, UnboundedLayerError
 
 DEFAULT_EPS = 1e-3
 
@@ -113,18 +115,22 @@ class _CholeskyLayer(LipschitzModule):
     * training mode: the weight is recomputed (differentiably, in fp32 even under autocast) at
       every forward; ``lipschitz()`` reuses that same tensor once if the parameters have not changed
       since, so a training step orthogonalises once.
-    * eval mode: the produced weight is computed without gradient and cached (keyed on an exact
-      copy of the parameters); the forward pass and ``lipschitz_bound()`` use the *same* tensor,
-      so the bound describes exactly the map that is certified. No gradient reaches the
-      parameters in eval mode.
+    * eval mode: the produced weight is computed without gradient and cached
+      (:class:`~gloronet.nn.base.EvalCache`, keyed on an exact copy of the parameters and on
+      ``eps``/``depth``); the forward pass, ``lipschitz_bound()`` and ``error_model()`` read the
+      *same* tensor, so the bound describes exactly the map that is certified. No gradient
+      reaches the parameters in eval mode. :meth:`produced_weight` hands out a copy, so editing
+      it cannot change the cached weight behind the bound.
     """
+
+    iterate_buffers = ("power_u",)
 
     def __init__(self, eps: float, relative_eps: bool, power_iters: int):
         super().__init__()
         if not (eps >= 0 and math.isfinite(eps)):
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
         self.eps, self.relative_eps, self.power_iters = float(eps), bool(relative_eps), int(power_iters)
-        self._eval_cache: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self._eval = EvalCache()
         self._step_cache: tuple[tuple, torch.Tensor] | None = None
 
     # subclasses: the parameters the weight depends on, and the differentiable weight itself
@@ -142,25 +148,25 @@ class _CholeskyLayer(LipschitzModule):
     def _versions(self) -> tuple:
         return tuple((p._version, p.data_ptr(), p.device) for p in self._orth_params())
 
+    def _applied_weight(self) -> torch.Tensor:
+        """The eval-mode weight itself (no gradient, cached): what forward and bounds read."""
+        key = (self.eps, self.relative_eps, getattr(self, "depth", None))
+        return self._eval.get(self._orth_params(), self.compute_weight, key=key)
+
     def produced_weight(self) -> torch.Tensor:
-        """The eval-mode weight (no gradient), cached until a parameter changes."""
-        params = self._orth_params()
-        if self._eval_cache is not None:
-            snap, w = self._eval_cache
-            if all(
-                s.shape == p.shape and s.dtype == p.dtype and s.device == p.device and torch.equal(s, p.detach())
-                for s, p in zip(snap, params)
-            ):
-                return w
-        with torch.no_grad():
-            w = self.compute_weight()
-        self._eval_cache = ([p.detach().clone() for p in params], w)
-        return w
+        """A copy of the eval-mode weight (the cached one stays private)."""
+        return self._applied_weight().clone()
+
+    def _matrix_bounds(self) -> list[float]:
+        """``dense_norm_bound`` of each produced matrix, computed once per produced weight."""
+        w = self._applied_weight()
+        mats = w.unbind(0) if w.dim() == 3 else [w]
+        return self._eval.remember("bounds", lambda: [dense_norm_bound(m) for m in mats])
 
     def weight_matrix(self) -> torch.Tensor:
         """The weight the forward pass uses in the current mode."""
         if not self.training:
-            return self.produced_weight()
+            return self._applied_weight()
         w = self.compute_weight()
         if not torch.compiler.is_compiling() and torch.is_grad_enabled():
             self._step_cache = (self._versions(), w)
@@ -168,7 +174,7 @@ class _CholeskyLayer(LipschitzModule):
 
     def _weight_for_estimate(self) -> torch.Tensor:
         if not self.training:
-            return self.produced_weight()
+            return self._applied_weight()
         cache, self._step_cache = self._step_cache, None
         if (
             cache is not None
@@ -181,7 +187,8 @@ class _CholeskyLayer(LipschitzModule):
         return self.compute_weight()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double(): drop cached weights
-        self._eval_cache = self._step_cache = None
+        self._eval.clear()
+        self._step_cache = None
         return super()._apply(fn, *args, **kwargs)
 
     def _n_iter(self, n_iter: int | None) -> int:
@@ -222,14 +229,19 @@ class CholeskyOrthLinear(_CholeskyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects {self.in_features} input features, got shape {tuple(x.shape)}")
-        return F.linear(x, self.weight_matrix().to(x.dtype), self.bias)
+        w = self.weight_matrix().to(x.dtype)
+        return F.linear(x, w, self.bias) if self.training else accumulate.linear(x, w, self.bias)
 
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
         """Power-iteration estimate (from below) of ``‖W‖₂`` for the produced ``W``."""
         return power_iteration_dense(self._weight_for_estimate(), self.power_u, self._n_iter(n_iter))
 
     def lipschitz_bound(self) -> float:
-        return dense_norm_bound(self.produced_weight())
+        return self._matrix_bounds()[0]
+
+    def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
+        depth = accumulate.rounding_depth(self.in_features, self.in_features, self.bias is not None)
+        return fp.affine_error_model(self._applied_weight(), self.bias, lip, dtype, math.prod(in_shape[:-1]), depth=depth)
 
     def extra_repr(self) -> str:
         return (
@@ -316,8 +328,9 @@ class ChordMLP(_CholeskyLayer):
         if x.shape[-1] != self.features:
             raise ValueError(f"ChordMLP expects {self.features} input features, got shape {tuple(x.shape)}")
         weights = self.weight_matrix().to(x.dtype)
+        dense = F.linear if self.training else accumulate.linear
         for w, b in zip(weights.unbind(0), self.bias.unbind(0)):
-            x = self.act(F.linear(x, w, b))
+            x = self.act(dense(x, w, b))
         return x
 
     def layer_lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
@@ -337,7 +350,24 @@ class ChordMLP(_CholeskyLayer):
         return self.layer_lipschitz(n_iter).prod()
 
     def lipschitz_bound(self) -> float:
-        return mul_up(*(dense_norm_bound(w) for w in self.produced_weight().unbind(0)))
+        self._check_act()
+        return mul_up(*self._matrix_bounds())
+
+    def _check_act(self) -> None:
+        if type(self.act) not in (MinMax, nn.Identity):
+            raise UnboundedLayerError(f"ChordMLP.act must be MinMax or Identity (1-Lipschitz, exact), got {type(self.act).__name__}")
+
+    def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
+        """The composition of the layers' dense error models (each followed by MinMax)."""
+        self._check_act()
+        positions, numel = math.prod(in_shape[:-1]), math.prod(in_shape)
+        depth = accumulate.rounding_depth(self.features, self.features, True)
+        models = []
+        for w, b, bound in zip(self._applied_weight().unbind(0), self.bias.unbind(0), self._matrix_bounds()):
+            models.append(fp.affine_error_model(w, b, bound, dtype, positions, depth=depth))
+            if type(self.act) is MinMax:
+                models.append(fp.elementwise_model(1.0, numel, dtype))
+        return fp.compose(models)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, depth={self.depth}, eps={self.eps}, relative_eps={self.relative_eps}"
@@ -392,13 +422,21 @@ class CholeskyOrthConv2d(_CholeskyLayer):
         m = self.weight_matrix().to(x.dtype)
         k = self.kernel_size
         kernel = m.reshape(self.out_channels, self.in_channels, k, k)
-        return F.conv2d(F.pad(x, self.pads(x.shape[-2:])), kernel, self.bias, stride=k)
+        if self.training:
+            return F.conv2d(F.pad(x, self.pads(x.shape[-2:])), kernel, self.bias, stride=k)
+        return accumulate.conv2d(x, kernel, self.bias, k, self.pads(x.shape[-2:]))
 
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
         return power_iteration_dense(self._weight_for_estimate(), self.power_u, self._n_iter(n_iter))
 
     def lipschitz_bound(self) -> float:
-        return dense_norm_bound(self.produced_weight())
+        return self._matrix_bounds()[0]
+
+    def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
+        """Patches are disjoint: ``M`` acts on each separately, ``‖|A|‖₂ = ‖|M|‖₂``."""
+        ho, wo = self.output_hw(in_shape[-2:])
+        depth = accumulate.rounding_depth(self.in_channels * self.kernel_size**2, self.in_channels, self.bias is not None)
+        return fp.affine_error_model(self._applied_weight(), self.bias, lip, dtype, ho * wo, depth=depth)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.kernel_size}, eps={self.eps}"

@@ -16,24 +16,43 @@ the mean, as in batch norm) and a running mean is tracked (momentum 0.1); in eva
 mean is subtracted instead — a constant translation, so the block is still the affine map
 ``conv(x, K) + b − μ`` whose Lipschitz constant is ``‖conv(·, K)‖``.
 
+The forward pass (both modes) computes ``x + conv(x, R) + shift`` with ``R = depth^-½ γ⊙V``: the
+same affine map as ``conv(x, K) + shift``, but the identity term is added once instead of
+being summed inside every convolution output, so its rounding is ``γ₂|x|`` rather than
+``γ_{n+2}|x|`` (``n = width·k²``): ``‖e‖ ≤ γ_{n+2}‖|R|‖₂‖x‖ + γ₂‖x‖ + γ₁‖shift‖``.
+In eval mode ``R`` is computed once (:class:`~gloronet.nn.base.EvalCache`) and the forward pass,
+the bound and the error model read that same tensor.
+
 Estimate: power iteration on the whole kernel ``K`` (identity included). Bound:
-:func:`gloronet.bounds.conv2d_norm_bound` of the whole kernel at the block's input size — exactly
-the kernel the eval-mode forward pass convolves with.
+:func:`gloronet.bounds.conv2d_norm_bound` of ``I_centre + R`` formed in float64, plus the
+``2⁻⁵³(1 + |R_centre|)`` that forming it may round off — the map the forward pass computes.
 
 :class:`LiResStack` runs the power iterations of all its blocks as ONE grouped convolution per
 step (iterates concatenated along channels, ``groups = depth``), as ``LiResConv.lipschitz`` does.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bounds import conv2d_adjoint, conv2d_apply, conv2d_norm_bound, mul_up, power_iteration_conv2d, same_padding
+from .. import fp
+from ..bounds import (
+    abs_conv2d_norm_bound,
+    conv2d_adjoint,
+    conv2d_apply,
+    conv2d_norm_bound,
+    mul_up,
+    power_iteration_conv2d,
+    round_up,
+    same_padding,
+)
+from . import accumulate
 from .activation import MinMax
-from .base import LipschitzModule
+from .base import EvalCache, LipschitzModule, UnboundedLayerError
 
 
 def _pair(size) -> tuple[int, int]:
@@ -82,6 +101,8 @@ class LiResBlock(LipschitzModule):
         power_iters: power-iteration steps per training-mode ``lipschitz()`` call.
     """
 
+    iterate_buffers = ("power_v",)
+
     def __init__(
         self,
         width: int,
@@ -112,6 +133,7 @@ class LiResBlock(LipschitzModule):
         self.act = MinMax() if activation else nn.Identity()
         v = torch.randn(1, width, *self.input_hw)
         self.register_buffer("power_v", v / v.norm())
+        self._eval_kernel = EvalCache()
 
     @property
     def pads(self) -> tuple[int, int, int, int]:
@@ -123,12 +145,31 @@ class LiResBlock(LipschitzModule):
         """``depth^-½ · γ ⊙ V`` (the residual branch alone)."""
         return (self.depth**-0.5) * (self.gamma * self.weight)
 
-    def kernel(self) -> torch.Tensor:
-        """The whole kernel ``I_centre + depth^-½ · γ ⊙ V`` (what eval mode convolves with)."""
-        w = self.residual_kernel()
+    def applied_residual_kernel(self) -> torch.Tensor:
+        """``R`` as the eval-mode forward pass uses it (no gradient; cached until γ or V change)."""
+        return self._eval_kernel.get([self.gamma, self.weight], self.residual_kernel, key=(self.depth,))
+
+    def _identity(self, like: torch.Tensor) -> torch.Tensor:
         c = self.kernel_size // 2
-        eye = torch.eye(self.width, dtype=w.dtype, device=w.device)[:, :, None, None]
-        return w + F.pad(eye, (c, c, c, c))
+        eye = torch.eye(self.width, dtype=like.dtype, device=like.device)[:, :, None, None]
+        return F.pad(eye, (c, c, c, c))
+
+    def kernel(self) -> torch.Tensor:
+        """The whole kernel ``I_centre + depth^-½ · γ ⊙ V`` (training estimate)."""
+        w = self.residual_kernel()
+        return w + self._identity(w)
+
+    def shift(self) -> torch.Tensor:
+        """The eval-mode per-channel offset: ``b − running mean`` (or ``b``)."""
+        return self.bias - self.running_mean if self.centering else self.bias
+
+    def _check_act(self) -> None:
+        if type(self.act) not in (MinMax, nn.Identity):
+            raise UnboundedLayerError(f"LiResBlock.act must be MinMax or Identity (1-Lipschitz, exact), got {type(self.act).__name__}")
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(): drop the cached kernel
+        self._eval_kernel.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.width:
@@ -143,16 +184,18 @@ class LiResBlock(LipschitzModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         c = self.kernel_size // 2  # stride 1, odd kernel: 'same' padding is symmetric
-        if self.centering and self.training:
+        if self.training:
             r = F.conv2d(x, self.residual_kernel(), padding=c)
-            mean = r.mean(dim=(0, 2, 3))
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-            out = x + r + (self.bias - mean).to(r.dtype).view(1, -1, 1, 1)
+            offset = self.bias
+            if self.centering:
+                mean = r.mean(dim=(0, 2, 3))
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                offset = self.bias - mean
+            out = x + r + offset.to(r.dtype).view(1, -1, 1, 1)
         else:
-            shift = self.bias - self.running_mean if self.centering else self.bias
-            out = F.conv2d(x, self.kernel(), padding=c)
-            out = out + shift.to(out.dtype).view(1, -1, 1, 1)
+            out = x + accumulate.conv2d(x, self.applied_residual_kernel(), None, 1, self.pads)
+            out = out + self.shift().to(out.dtype).view(1, -1, 1, 1)
         return self.act(out)
 
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
@@ -161,7 +204,47 @@ class LiResBlock(LipschitzModule):
         return power_iteration_conv2d(self.kernel(), self.power_v, 1, self.pads, 1, n)
 
     def lipschitz_bound(self) -> float:
-        return conv2d_norm_bound(self.kernel().detach(), self.input_hw, 1, self.pads)
+        """Bound of ``x ↦ x + conv(x, R)`` for the applied ``R``: the kernel ``I + R`` is formed
+        in float64, where each centre-diagonal entry may round by ``2⁻⁵³|1 + R_cc|``; that
+        perturbation is a pointwise diagonal map of norm ``≤ 2⁻⁵³(1 + max|R_cc|)``."""
+        self._check_act()
+        r = self.applied_residual_kernel()
+
+        def compute():
+            r64 = r.to(torch.float64).cpu()
+            c = self.kernel_size // 2
+            centre = r64[:, :, c, c].diagonal().abs().max()
+            exact_part = conv2d_norm_bound(r64 + self._identity(r64), self.input_hw, 1, self.pads)
+            return round_up(exact_part + 2.0**-52 * (1.0 + float(centre)))
+
+        return self._eval_kernel.remember("bound", compute)
+
+    def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
+        """``out = fl(fl(x + conv(x, R)) + shift)``: products pass the chunked convolution's depth
+        plus 2 roundings, ``x`` two, the shift one; then MinMax (exact up to flushed subnormals)."""
+        self._check_act()
+        r = self.applied_residual_kernel()
+        n = self.width * self.kernel_size**2
+        depth = accumulate.rounding_depth(n, self.width, bias=False) + 2  # then + x, + shift
+        hw = self.input_hw[0] * self.input_hw[1]
+        numel = self.width * hw
+        a_r = self._eval_kernel.remember("abs_norm", lambda: abs_conv2d_norm_bound(r, 1))
+        row_abs = 1.0 + float(r.detach().abs().flatten(1).sum(dim=1).max())
+        shift = self.shift().detach().to(torch.float64).cpu()
+        g_n, g2, g1, lam = fp.gamma(depth, dtype), fp.gamma(2, dtype), fp.gamma(1, dtype), fp.smallest_normal(dtype)
+        offset = float(shift.norm()) * math.sqrt(hw)
+        sqrt_m = math.sqrt(numel)
+        affine = fp.ErrorModel(
+            lip=lip,
+            rel=fp.up(g_n * a_r + g2 + (1 + g_n) * lam * sqrt_m * math.sqrt(n + 2)),
+            abs=fp.up(g1 * offset + (1 + g_n) * lam * sqrt_m * (row_abs + 2 * (n + 2))),
+            offset=fp.up(offset),
+            peak_rel=fp.up((1 + g_n) * (1 + a_r)),
+            peak_abs=fp.up((1 + g_n) * (float(shift.abs().max()) + lam * (row_abs + 2 * (n + 2)))),
+        )
+        if type(self.act) is nn.Identity:
+            return affine
+        return affine.then(fp.elementwise_model(1.0, numel, dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -176,8 +259,11 @@ class LiResStack(LipschitzModule):
     ``lipschitz()`` is the product of the per-block estimates, all computed by ONE grouped
     convolution (and one grouped transposed convolution) per power-iteration step on the stack's
     own iterate ``power_v`` (1, depth·width, H, W). ``lipschitz_bound()`` is the product (rounded
-    up) of the per-block provable bounds; MinMax is 1-Lipschitz.
+    up) of the per-block provable bounds; MinMax is 1-Lipschitz. Certification walks the blocks
+    one by one (``sequential_parts``).
     """
+
+    iterate_buffers = ("power_v",)
 
     def __init__(
         self,
@@ -204,6 +290,9 @@ class LiResStack(LipschitzModule):
     @property
     def input_hw(self) -> tuple[int, int]:
         return self.blocks[0].input_hw
+
+    def sequential_parts(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

@@ -1,0 +1,120 @@
+"""The price of floating-point-sound certification: VRA and throughput, measured in one run.
+
+For each trained run directory (or a synthetic LiResNet at CIFAR shape with ``--liresnet``):
+
+* VRA at the run's ε with ``certify(x)`` (sound for the float forward pass, the default) and
+  with ``certify(x, arithmetic="exact")`` (the real-arithmetic test of the GloRo paper), the
+  difference in points, and the median radius given up;
+* images/s of ``certify`` vs plain inference — the same layer shapes as ordinary ``nn.Conv2d`` /
+  ``nn.Linear`` + MinMax in eval mode (``throughput.plain_twin``), same batches, same run —
+  and of the model's own eval forward ``net(x)``.
+
+    GLORONET_DATA=../shared/data python benchmarks/certify_price.py runs/price/mnist-2c2f-... [--limit N]
+    python benchmarks/certify_price.py --liresnet --limit 512
+
+Prints a Markdown table; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import plain_twin  # noqa: E402
+
+from gloronet import models  # noqa: E402
+from gloronet.checkpoint import load_model  # noqa: E402
+from gloronet.data import load_dataset  # noqa: E402
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (bounds, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _synthetic_liresnet(limit: int, train_steps: int):
+    """A liresnet-6l128w at CIFAR shape trained for a few steps on a learnable synthetic task."""
+    torch.manual_seed(0)
+    net = models.create("liresnet-6l128w", (3, 32, 32), 10, epsilon=36 / 255)
+    g = torch.Generator().manual_seed(1)
+    protos = torch.rand(10, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (limit,), generator=g)
+    x = (protos[y] + 0.15 * torch.randn(limit, 3, 32, 32, generator=g)).clamp(0, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    for step in range(train_steps):
+        idx = torch.randint(0, limit, (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net.bottom_logits(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return "liresnet-6l128w (synthetic CIFAR shape)", net.eval(), x, y
+
+
+def _run(name, net, x, y, batch: int, repeats: int) -> dict:
+    net.eval()
+    batches = [x[i : i + batch] for i in range(0, len(x), batch)]
+    radii = {}
+    for arithmetic in ("exact", "float"):
+        radii[arithmetic] = torch.cat([net.certify(b, arithmetic=arithmetic).radius for b in batches])
+    pred = torch.cat([net.certify(b).pred for b in batches])
+    correct = pred == y
+    eps = net.epsilon
+    vra = {k: 100 * float((correct & (r > eps)).double().mean()) for k, r in radii.items()}
+    loss = (radii["exact"] - radii["float"])[correct]
+    plain = plain_twin(net).eval()
+    with torch.no_grad():
+        t_plain = _best_time(lambda: [plain(b) for b in batches], repeats)
+        t_forward = _best_time(lambda: [net(b) for b in batches], repeats)
+    t_cert = _best_time(lambda: [net.certify(b) for b in batches], repeats)
+    t_exact = _best_time(lambda: [net.certify(b, arithmetic="exact") for b in batches], repeats)
+    n = len(x)
+    return {
+        "name": name, "n": n, "eps": eps, "vra_float": vra["float"], "vra_exact": vra["exact"],
+        "radius_loss": float(loss.median()) if len(loss) else 0.0,
+        "plain": n / t_plain, "forward": n / t_forward, "certify": n / t_cert, "certify_exact": n / t_exact,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", help="run directories written by `gloronet train`")
+    p.add_argument("--liresnet", action="store_true", help="also a liresnet-6l128w at CIFAR shape on synthetic data")
+    p.add_argument("--limit", type=int, default=10000, help="test images per model")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--train-steps", type=int, default=60, help="training steps of the synthetic LiResNet")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for run in args.runs:
+        net = load_model(run)
+        cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
+        x, y = load_dataset(cfg["dataset"], "test", limit=args.limit)
+        rows.append(_run(f"{net.config['name']} on {cfg['dataset']}", net, x, y, args.batch, args.repeats))
+    if args.liresnet:
+        rows.append(_run(*_synthetic_liresnet(args.limit, args.train_steps), args.batch, args.repeats))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}\n")
+    print("| model | n | ε | VRA exact-arith. % | VRA fp-sound % | lost (points) | median radius lost "
+          "| certify img/s | plain inference img/s | ratio | net(x) img/s | exact certify img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['n']} | {r['eps']:.4g} | {r['vra_exact']:.2f} | {r['vra_float']:.2f} | "
+              f"{r['vra_exact'] - r['vra_float']:.2f} | {r['radius_loss']:.2e} | {r['certify']:.0f} | {r['plain']:.0f} | "
+              f"{r['certify'] / r['plain']:.2f} | {r['forward']:.0f} | {r['certify_exact']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
