@@ -39,7 +39,8 @@ def _certify(args) -> int:
     images, labels = data.load_dataset(dataset, args.split, args.data_dir or cfg.get("data_dir"), args.limit, dtype=torch.uint8)
     extra = list(args.eps or []) + list(cfg.get("certify_epsilons") or [])
     extra += [net.epsilon * f for f in (0.5, 1.5, 2.0)]
-    report = certify_dataset(net, images, labels, extra, batch_size=args.batch_size, device=device, progress=not args.quiet)
+    report = certify_dataset(net, images, labels, extra, batch_size=args.batch_size, device=device,
+                             progress=not args.quiet, arithmetic=args.arithmetic)
     report.update(dataset=dataset, split=args.split, model=net.config)
     paths = write_reports(report, args.out or run, title=f"{net.config['name']} on {dataset} ({args.split})")
     print(markdown_table(report, f"{net.config['name']} on {dataset} ({args.split})"))
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=512)
     c.add_argument("--device", default="auto")
     c.add_argument("--out", help="where to write certify.{json,md,png} (default: the run directory)")
+    c.add_argument("--arithmetic", default="float", choices=["float", "exact"],
+                   help="float (default): certificates sound for the floating-point forward pass; exact: the "
+                        "real-arithmetic test of the GloRo paper, which ignores rounding (for comparison with papers)")
     c.add_argument("-q", "--quiet", action="store_true")
     sub.add_parser("models", help="list registered architectures")
     return p

@@ -253,6 +253,12 @@ def _precision_leaves() -> list:
     return out
 
 
+def no_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where torch has no autocast for it)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    return torch.autocast(device_type=device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def sound_kernels():
     """Run the enclosed code with the kernels the error model assumes, restoring all settings.
@@ -266,8 +272,9 @@ def sound_kernels():
       Library's Winograd). Convolutions then run in oneDNN's direct / GEMM kernels or ATen's
       im2col + GEMM (CPU) and ATen's im2col + cuBLAS (CUDA).
 
-    ``GloroNet.certify`` runs its forward pass inside this context; wrap your own inference in it
-    to run exactly the program the certificates describe.
+    A ``GloroNet`` in eval mode runs its forward pass (and ``certify``) inside this context, so
+    ``net.eval()(x)`` is the program the certificates describe whatever the global settings; wrap
+    other code (e.g. ``net.body`` called alone) in it to get the same kernels.
     """
     leaves = _precision_leaves()
     saved_leaves = [leaf.fp32_precision for leaf in leaves]

@@ -4,7 +4,11 @@ Leino, Wang & Fredrikson, "Globally-Robust Neural Networks", ICML 2021. For the 
 ``j`` and any ``i ≠ j`` the margin ``f_j − f_i`` is ``K_ji``-Lipschitz with
 ``K_ji = L_body · ‖w_j − w_i‖₂`` (``w`` = rows of the head). The bottom logit is
 ``y_⊥ = max_{i≠j} (y_i + ε·K_ji)`` and ``x`` is certified at radius ε iff
-``y_j − y_i > ε·K_ji`` for all ``i ≠ j`` (strict; ``i = j`` masked by index).
+``y_j − y_i > ε·K_ji`` for all ``i ≠ j`` (strict; ``i = j`` masked by index) — in exact arithmetic.
+
+``certify`` goes further by default: the margins must also clear a bound on the rounding error of
+the forward pass at ``x`` and anywhere in the ball (:mod:`gloronet.fp`, :mod:`gloronet.radius`),
+so the certificate holds for the floating-point program this module runs in eval mode.
 """
 from __future__ import annotations
 
@@ -170,7 +174,13 @@ class GloroNet(nn.Module):
         return head_weight(self.head).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        """Logits. In eval mode this is exactly the program certificates describe: IEEE float32 /
+        float64 kernels that sum products (:func:`gloronet.fp.sound_kernels`), no autocast —
+        whatever the global settings. Training mode runs with the caller's settings."""
+        if self.training:
+            return self.head(self.body(x))
+        with fp.sound_kernels(), fp.no_autocast(x.device.type):
+            return self.head(self.body(x))
 
     # -- training: differentiable estimates ------------------------------------------------------
     def pairwise_lipschitz(self) -> torch.Tensor:
@@ -269,7 +279,7 @@ class GloroNet(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            with fp.sound_kernels(), torch.autocast(device_type=device.type, enabled=False):
+            with fp.sound_kernels(), fp.no_autocast(device.type):
                 h, measured = xc, True
                 for step in bounds.steps:
                     if sound_fp:  # ‖input‖ of every step (re-used after steps that never lengthen)
@@ -286,7 +296,9 @@ class GloroNet(nn.Module):
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(f"certification needs logits of shape (B, C>=2), got {tuple(logits.shape)}")
         profile = self._profile(bounds, tuple(shapes)) if sound_fp else None
-        pred, radius = radius_mod.certified_radii(logits, bounds.K, bounds.D, profile, norms, h)
+        pred = logits.detach().argmax(dim=1)
+        margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile, norms, h)
+        radius = radius_mod.certified_radii(margins, pred)
         radius = _minus_cast_shift(radius, x, xc)
         finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(xc.flatten(1)).all(dim=1).to(radius.device)
         finite &= bool(torch.isfinite(bounds.K).all())

@@ -110,58 +110,92 @@ def _overflow_radius(peak_rel: float, peak_abs: float, rho0: torch.Tensor, slope
     return torch.where(room > 0, r, torch.zeros_like(r))
 
 
-def certified_radii(
+@dataclass
+class MarginBounds:
+    """For every example ``b`` and classes ``a``, ``c``: at every ``x'`` with ``‖x' − x‖ ≤ r`` and
+    ``r ≤ cap[b]``, the margin the model computes satisfies ``ŷ_a(x') − ŷ_c(x') ≥ low − slope·r``,
+    with ``(low, slope) = self.rows(a)[b, c]`` (computed one row per example on demand: the full
+    (B, C, C) tensors would not fit for 1000 classes)."""
+
+    y: torch.Tensor  # (B, C) float64 logits at x: the model's (exact mode) or the float64 head
+    K: torch.Tensor  # (C, C)
+    D: torch.Tensor | None = None  # (C, C); None in exact mode
+    body_err: torch.Tensor | None = None  # (B,) pc + p: body error at x and at x' (r = 0 part)
+    body_slope: float = 0.0  # Q_S
+    grow: float = 0.0  # L + Q_S
+    err: torch.Tensor | None = None  # (B, C) e_ref + e_ball per class (r = 0 part)
+    row_slope: torch.Tensor | None = None  # (C,) γ‖w_k‖ + λ√n per class: its growth with r
+    cap: torch.Tensor | None = None  # (B,)
+
+    def rows(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, slope)`` (B, C) for the pairs ``(a[b], c)``, ``c`` = every class."""
+        y = self.y
+        idx = a[:, None]
+        margins = _down(y.gather(1, idx) - y)
+        Ka = self.K.to(y.device)[a]
+        if self.D is None:
+            return margins, Ka
+        Da = self.D.to(y.device)[a]
+        pair = lambda t: t.gather(1, idx) + t  # noqa: E731  (value at a + value at c)
+        low = _down(margins - _up(Da * self.body_err[:, None] + pair(self.err)))
+        slope = _up(Ka + Da * self.body_slope + pair(self.row_slope.to(y.device)[None, :].expand_as(y)) * self.grow)
+        return low, slope
+
+
+def margin_bounds(
     logits: torch.Tensor,
     K: torch.Tensor,
     D: torch.Tensor,
     profile: Profile | None,
     norms: list[torch.Tensor] | None = None,
     head_input: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pred, radius)`` (B,) for the logits the model computed; ``profile=None`` for exact arithmetic.
-
-    ``norms[s]`` (B,) bounds ``‖ĉ_s‖`` for ``s = 0..S``, ``head_input`` is ``ĉ_S`` (see the module
-    docstring). Ties, NaN and infinite values give radius 0.
-    """
+) -> MarginBounds:
+    """The :class:`MarginBounds` of one batch; ``profile=None`` for exact arithmetic (the computed
+    logits, no rounding allowance). ``norms[s]`` (B,) bounds ``‖ĉ_s‖`` for ``s = 0..S`` and
+    ``head_input`` is ``ĉ_S`` (see the module docstring)."""
     y = logits.detach().to(torch.float64)
-    B, C = y.shape
-    dev = y.device
-    pred = y.argmax(dim=1)
-    own = torch.nn.functional.one_hot(pred, C).bool()
-    Kj = K.to(dev)[pred]
+    B, dev = y.shape[0], y.device
     if profile is None:
-        num, slope = _down(y.gather(1, pred[:, None]) - y), Kj
-        cap = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
-    else:
-        pc = torch.zeros(B, dtype=torch.float64, device=dev)
-        p = torch.zeros_like(pc)
-        cap = torch.full_like(pc, math.inf)
-        for s, m in enumerate(profile.models):
-            rho = norms[s].to(dev)
-            ball0 = rho + pc + p
-            grow = profile.prefix_lip[s] + profile.q[s]
-            cap = torch.minimum(cap, _overflow_radius(m.peak_rel, m.peak_abs, ball0, grow, profile.threshold))
-            pc, p = _up(m.lip * pc + m.rel * rho + m.abs), _up(m.lip * p + m.rel * ball0 + m.abs)
-        hd = profile.head
-        rho = norms[-1].to(dev)
-        grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
-        cap = torch.minimum(cap, _overflow_radius(hd.peak_rel, hd.peak_abs, rho + pc + p, grow, profile.threshold))
-        h = head_input.detach().flatten(1).to(torch.float64)
-        w, b, row = hd.weight.to(dev), hd.bias.to(dev), hd.row_norm.to(dev)
-        reach = _up(h.abs() @ hd.abs_weight.to(dev).t() + b.abs())  # (B, C) Σ|w_kt||ĉ_t| + |b_k|
-        y_ref = h @ w.t() + b  # the head at x again, in float64
-        e_ref = _up(hd.gamma_ref * reach)
-        e_ball = _up(hd.gamma * (reach + row * (pc + p)[:, None]) + hd.lam_rel * (rho + pc + p)[:, None] + hd.lam_abs.to(dev))
-        pair = lambda t: t.gather(1, pred[:, None]) + t  # noqa: E731  (value at j + value at i)
-        Dj = D.to(dev)[pred]
-        margins = _down(y_ref.gather(1, pred[:, None]) - y_ref)
-        num = _down(margins - _up(Dj * (pc + p)[:, None] + pair(e_ref) + pair(e_ball)))
-        slope = _up(Kj + Dj * profile.q[-1] + (hd.gamma * pair(row[None, :].expand(B, C)) + 2 * hd.lam_rel) * grow)
+        return MarginBounds(y=y, K=K, cap=torch.full((B,), math.inf, dtype=torch.float64, device=dev))
+    pc = torch.zeros(B, dtype=torch.float64, device=dev)
+    p = torch.zeros_like(pc)
+    cap = torch.full_like(pc, math.inf)
+    for s, m in enumerate(profile.models):
+        rho = norms[s].to(dev)
+        ball0 = rho + pc + p
+        grow = profile.prefix_lip[s] + profile.q[s]
+        cap = torch.minimum(cap, _overflow_radius(m.peak_rel, m.peak_abs, ball0, grow, profile.threshold))
+        pc, p = _up(m.lip * pc + m.rel * rho + m.abs), _up(m.lip * p + m.rel * ball0 + m.abs)
+    hd = profile.head
+    rho = norms[-1].to(dev)
+    grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
+    cap = torch.minimum(cap, _overflow_radius(hd.peak_rel, hd.peak_abs, rho + pc + p, grow, profile.threshold))
+    h = head_input.detach().flatten(1).to(torch.float64)
+    w, b, row = hd.weight.to(dev), hd.bias.to(dev), hd.row_norm.to(dev)
+    reach = _up(h.abs() @ hd.abs_weight.to(dev).t() + b.abs())  # (B, C) Σ|w_kt||ĉ_t| + |b_k|
+    y_ref = h @ w.t() + b  # the head at x again, in float64
+    e_ref = hd.gamma_ref * reach
+    e_ball = hd.gamma * (reach + row * (pc + p)[:, None]) + hd.lam_rel * (rho + pc + p)[:, None] + hd.lam_abs.to(dev)
+    return MarginBounds(
+        y=y_ref, K=K, D=D, body_err=_up(pc + p), body_slope=profile.q[-1], grow=grow, err=_up(e_ref + e_ball),
+        row_slope=_up(hd.gamma * row + hd.lam_rel), cap=cap,
+    )
+
+
+def radius_from_rows(low: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``low / slope`` rounded down (0 where ``low ≤ 0`` or NaN; inf where ``slope = 0 < low``)."""
     ratio = torch.where(
         slope > 0,
-        _down(num / slope).nan_to_num(nan=0.0, posinf=torch.finfo(torch.float64).max),
-        torch.where(num > 0, math.inf, 0.0),
+        _down(low / slope).nan_to_num(nan=0.0, posinf=torch.finfo(torch.float64).max),
+        torch.where(low > 0, math.inf, 0.0),
     )
-    radius = ratio.masked_fill(own, math.inf).amin(dim=1).clamp_min(0.0)
-    radius = torch.minimum(radius, cap)
-    return pred, torch.where(torch.isnan(radius), torch.zeros_like(radius), radius)
+    return ratio.clamp_min(0.0).nan_to_num(nan=0.0)
+
+
+def certified_radii(bounds: MarginBounds, pred: torch.Tensor) -> torch.Tensor:
+    """(B,) radius within which ``pred`` stays strictly first: ``min_{c ≠ pred} low/slope``,
+    capped where an intermediate value could overflow. Ties, NaN and inf give 0."""
+    low, slope = bounds.rows(pred)
+    own = torch.nn.functional.one_hot(pred, low.shape[1]).bool()
+    radius = radius_from_rows(low, slope).masked_fill(own, math.inf).amin(dim=1)
+    return torch.minimum(radius, bounds.cap)

@@ -19,7 +19,8 @@ mean is subtracted instead — a constant translation, so the block is still the
 The forward pass (both modes) computes ``x + conv(x, R) + shift`` with ``R = depth^-½ γ⊙V``: the
 same affine map as ``conv(x, K) + shift``, but the identity term is added once instead of
 being summed inside every convolution output, so its rounding is ``γ₂|x|`` rather than
-``γ_{n+2}|x|`` (``n = width·k²``): ``‖e‖ ≤ γ_{n+2}‖|R|‖₂‖x‖ + γ₂‖x‖ + γ₁‖shift‖``.
+``γ_{n+2}|x|`` (``n = width·k²``): ``‖e‖ ≤ γ_{d+2}‖|R|‖₂‖x‖ + γ₂‖x‖ + γ₁‖shift‖`` with ``d`` the
+rounding depth of the chunked eval convolution (:mod:`gloronet.nn.accumulate`).
 In eval mode ``R`` is computed once (:class:`~gloronet.nn.base.EvalCache`) and the forward pass,
 the bound and the error model read that same tensor.
 
