@@ -128,7 +128,13 @@ def test_cli_train_then_certify(tmp_path, data_dir, capsys):
     x, y = load_dataset("mnist", "test", data_dir, 100)
     cert = net.certify(x, 0.3)
     assert report["vra"]["0.3"] == pytest.approx(((cert.pred == y) & cert.certified).double().mean().item())
-    assert (run / "certify.md").exists()
+    assert (run / "certify.md").exists() and report["arithmetic"] == "float"
+    out_exact = tmp_path / "exact"
+    assert cli.main(["certify", str(run), "--limit", "100", "-q", "--arithmetic", "exact", "--out", str(out_exact)]) == 0
+    exact = json.loads((out_exact / "certify.json").read_text())
+    assert exact["arithmetic"] == "exact" and exact["vra"]["0.3"] >= report["vra"]["0.3"]
+    cert = net.certify(x, 0.3, arithmetic="exact")
+    assert exact["vra"]["0.3"] == pytest.approx(((cert.pred == y) & cert.certified).double().mean().item())
     pytest.importorskip("matplotlib")
     assert (run / "certify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

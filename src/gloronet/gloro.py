@@ -300,8 +300,9 @@ class GloroNet(nn.Module):
         margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile, norms, h)
         radius = radius_mod.certified_radii(margins, pred)
         radius = _minus_cast_shift(radius, x, xc)
-        finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(xc.flatten(1)).all(dim=1).to(radius.device)
-        finite &= bool(torch.isfinite(bounds.K).all())
+        # a finite norm bound means every coordinate of the input is finite
+        finite_x = torch.isfinite(norms[0]) if sound_fp else torch.isfinite(xc.flatten(1)).all(dim=1)
+        finite = torch.isfinite(logits).all(dim=1) & finite_x.to(radius.device) & bool(torch.isfinite(bounds.K).all())
         radius = torch.where(finite, radius, torch.zeros_like(radius))
         return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits.to(torch.float64),
                            epsilon=eps, arithmetic=arithmetic)

@@ -12,18 +12,17 @@ with an :class:`~gloronet.fp.ErrorModel`; ``ĉ_s`` the activation entering step 
   ``Δ_s ≤ P_s + Q_s r`` with
   ``P_{s+1} = lip_s P_s + rel_s (ρ̂_s + Pc_s + P_s) + abs_s``,  ``Q_{s+1} = lip_s Q_s + rel_s (L_s + Q_s)``.
 
-Head ``y_k = ⟨w_k, h⟩ + b_k`` (``n``-term sums): ``|ŷ_k − y_k(ĥ)| ≤ hrel_k ‖ĥ‖ + habs_k``. For the
-predicted ``j`` and any ``i``, the computed margin at ``x'`` is at least
-``m̂_ji − E^c_ji − K_ji r − E_ji(r)``, where ``m̂`` is the margin computed at ``x``,
-``E^c_ji = D_ji Pc_S + (hrel_j + hrel_i) ρ̂_S + habs_j + habs_i`` (error at the centre) and
-``E_ji(r) = D_ji (P_S + Q_S r) + (hrel_j + hrel_i)(ρ̂_S + Pc_S + P_S + (L + Q_S) r) + habs_j + habs_i``
-(error at ``x'``), ``D_ji ≥ ‖w_j − w_i‖``, ``K_ji = L D_ji``. It stays positive for
-
-    r < (m̂_ji − E^c_ji − E_ji(0)) / (K_ji + D_ji Q_S + (hrel_j + hrel_i)(L + Q_S)),
-
-and the radius is the minimum over ``i ≠ j`` — also capped where some intermediate value could
-overflow. With ``arithmetic="exact"`` every error term is 0: the real-arithmetic test of the
-GloRo paper, ``r = min_i m̂_ji / K_ji``, for comparison with published numbers only.
+Head ``y_k = ⟨w_k, h⟩ + b_k``: with ``R_k = Σ_t |w_kt||ĉ_S,t| + |b_k|`` (measured at ``x``), the
+computed logit at ``x'`` errs by ``≤ γ_d(R_k + ‖w_k‖‖â_S(x') − ĉ_S‖)`` (+ underflow terms), and
+the logits used at ``x`` — the head re-evaluated in float64 for a float32 model, the model's own
+for a float64 one — by ``≤ γ_c R_k``. For the predicted ``j`` and any ``i``, the margin computed at
+``x'`` is at least ``m_ji − D_ji (Pc_S + P_S + Q_S r) − E_j − E_i − K_ji r``, where ``m`` is the
+margin at ``x``, ``D_ji ≥ ‖w_j − w_i‖``, ``K_ji = L D_ji`` and ``E_k`` the two head errors above
+(they grow with ``r`` through ``‖â_S(x') − ĉ_S‖ ≤ Pc_S + P_S + (L + Q_S) r``). It stays positive
+for ``r < low_ji / slope_ji`` (:class:`MarginBounds`); the radius is the minimum over ``i ≠ j``,
+also capped where some intermediate value could overflow. With ``arithmetic="exact"`` every error
+term is 0: the real-arithmetic test of the GloRo paper, ``r = min_i m_ji / K_ji`` on the computed
+logits, for comparison with published numbers only.
 
 All of this is evaluated in float64: non-negative sums and products are inflated by
 :data:`gloronet.fp.INFLATE` and rounded up, subtractions and the final division rounded down.
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fp
+from .bounds import pow2_scales
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -52,18 +52,22 @@ class Head:
 
     In the model's pass each logit's terms are rounded at most ``depth`` times, so
     ``|ŷ_k − y_k(h)| ≤ γ_d(Σ_t|w_kt||h_t| + |b_k|) + (1+γ_d)λ(√n‖h‖ + ‖w_k‖₁ + 2(n+1))``
-    (:func:`gloronet.fp.dot_product_model` per logit). ``certify`` also re-evaluates the head at
-    ``x`` in float64 from the computed ``ĉ_S``: error ``≤ γ⁶⁴_{n+1}(Σ_t|w_kt||ĉ_t| + |b_k|)``.
+    (:func:`gloronet.fp.dot_product_model` per logit). At ``x``, a float32 model's head is
+    evaluated again in float64 from the computed ``ĉ_S`` (``reevaluate``; same bound with
+    ``γ⁶⁴_{n+1}``, ``λ⁶⁴``); a float64 model's own logits are already that precise.
     """
 
     weight: torch.Tensor  # (C, n) float64
     abs_weight: torch.Tensor
     bias: torch.Tensor  # (C,) float64, zeros without a bias
     row_norm: torch.Tensor  # (C,) upper bounds of ‖w_k‖
-    gamma: float  # γ_d in the model's dtype
-    gamma_ref: float  # γ_{n+1} in float64
+    gamma: float  # γ_d in the model's dtype (the pass at x')
     lam_rel: float  # (1+γ)λ√n
     lam_abs: torch.Tensor  # (C,) (1+γ)λ(‖w_k‖₁ + 2(n+1))
+    reevaluate: bool  # the logits at x come from a float64 re-evaluation (float32 models)
+    centre_gamma: float  # the same three constants for the logits used at x
+    centre_lam_rel: float
+    centre_lam_abs: torch.Tensor
     peak_rel: float
     peak_abs: float
 
@@ -72,14 +76,24 @@ class Head:
         w = weight.detach().to(torch.float64).cpu()
         n = w.shape[1]
         b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).cpu()
-        g, lam = fp.gamma(depth, dtype), fp.smallest_normal(dtype)
-        row_norm = _up(w.norm(dim=1))
         a = w.abs()
+        scale = pow2_scales(a.amax(dim=1))  # exact: no overflow or underflow in the row norms
+        row_norm = _up((w / scale[:, None]).norm(dim=1) * scale)
+        l1 = a.sum(dim=1)
+
+        def constants(g: float, lam: float):
+            return fp.up((1 + g) * lam * math.sqrt(n)), _up((1 + g) * lam * (l1 + 2 * (n + 1)))
+
+        g = fp.gamma(depth, dtype)
+        lam_rel, lam_abs = constants(g, fp.smallest_normal(dtype))
+        reevaluate = dtype != torch.float64
+        g_c = fp.gamma(n + 1, torch.float64) if reevaluate else g
+        c_rel, c_abs = constants(g_c, fp.smallest_normal(torch.float64))
         return Head(
-            weight=w, abs_weight=a, bias=b, row_norm=row_norm, gamma=g, gamma_ref=fp.gamma(n + 1, torch.float64),
-            lam_rel=fp.up((1 + g) * lam * math.sqrt(n)), lam_abs=_up((1 + g) * lam * (a.sum(dim=1) + 2 * (n + 1))),
+            weight=w, abs_weight=a, bias=b, row_norm=row_norm, gamma=g, lam_rel=lam_rel, lam_abs=lam_abs,
+            reevaluate=reevaluate, centre_gamma=g_c, centre_lam_rel=c_rel, centre_lam_abs=c_abs,
             peak_rel=fp.up((1 + g) * float(row_norm.max())),
-            peak_abs=fp.up((1 + g) * (float(b.abs().max()) + lam * 2 * (n + 1))),
+            peak_abs=fp.up((1 + g) * (float(b.abs().max()) + fp.smallest_normal(dtype) * 2 * (n + 1))),
         )
 
 
@@ -173,11 +187,11 @@ def margin_bounds(
     h = head_input.detach().flatten(1).to(torch.float64)
     w, b, row = hd.weight.to(dev), hd.bias.to(dev), hd.row_norm.to(dev)
     reach = _up(h.abs() @ hd.abs_weight.to(dev).t() + b.abs())  # (B, C) Σ|w_kt||ĉ_t| + |b_k|
-    y_ref = h @ w.t() + b  # the head at x again, in float64
-    e_ref = hd.gamma_ref * reach
+    y_centre = h @ w.t() + b if hd.reevaluate else y  # float32 models: the head at x again, in float64
+    e_centre = hd.centre_gamma * reach + hd.centre_lam_rel * rho[:, None] + hd.centre_lam_abs.to(dev)
     e_ball = hd.gamma * (reach + row * (pc + p)[:, None]) + hd.lam_rel * (rho + pc + p)[:, None] + hd.lam_abs.to(dev)
     return MarginBounds(
-        y=y_ref, K=K, D=D, body_err=_up(pc + p), body_slope=profile.q[-1], grow=grow, err=_up(e_ref + e_ball),
+        y=y_centre, K=K, D=D, body_err=_up(pc + p), body_slope=profile.q[-1], grow=grow, err=_up(e_centre + e_ball),
         row_slope=_up(hd.gamma * row + hd.lam_rel), cap=cap,
     )
 
