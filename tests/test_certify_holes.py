@@ -341,3 +341,23 @@ def test_unknown_layer_without_error_model_certifies_only_in_exact_mode():
     assert net.certify(x, arithmetic="exact").radius.shape == (3,)
     with pytest.raises(gloronet.UnboundedLayerError, match="error model"):
         net.certify(x)
+
+
+def test_radius_stops_where_the_forward_pass_could_overflow():
+    """Activations of 1e37 per unit of input: the float32 pass overflows to inf beyond ~17 units,
+    so the certified radius must stop before that although the exact margin grows without bound."""
+    body = Sequential(Flatten(), LipLinear(2, 2))
+    head = LipLinear(2, 2)
+    with torch.no_grad():
+        body[1].weight.copy_(1e37 * torch.eye(2))
+        body[1].bias.zero_()
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        head.bias.zero_()
+    net = gloronet.GloroNet(body, head, 0.0)
+    x = torch.tensor([[1.0, 0.0]])
+    cert, exact = net.certify(x), net.certify(x, arithmetic="exact")
+    assert int(cert.pred) == 0 and 0 < cert.radius.item() < 17.1
+    assert exact.radius.item() > cert.radius.item()
+    with torch.no_grad():
+        far = net.eval()(torch.tensor([[40.0, 0.0]]))
+    assert not torch.isfinite(far).all()  # the computed logits really overflow out there

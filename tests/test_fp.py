@@ -336,7 +336,11 @@ def test_norm_upper_is_an_upper_bound():
         bound = fp.norm_upper(h)
         assert bound.dtype == D and (bound >= truth).all()
         assert (bound <= truth * 1.01 + 1e-15).all()
-    assert torch.isinf(fp.norm_upper(torch.full((1, 4), 1e30))).all()  # overflow: no bound, nothing certifies
+    huge = torch.full((2, 4), 1e30)  # squares overflow float32: measured again in float64
+    assert (fp.norm_upper(huge) >= huge.double().norm(dim=1)).all() and torch.isfinite(fp.norm_upper(huge)).all()
+    huge[1, 2] = math.inf
+    assert torch.isinf(fp.norm_upper(huge)[1]) and torch.isfinite(fp.norm_upper(huge)[0])
+    assert torch.isinf(fp.norm_upper(torch.tensor([[1.0, math.nan]]))).all()
 
 
 # --------------------------------------------------------------------------- kernels

@@ -220,9 +220,12 @@ def norm_upper(h: torch.Tensor) -> torch.Tensor:
 
     ``torch.linalg.vector_norm`` sums the ``d`` squares in some order in at least ``h``'s precision
     and takes the square root: relative error ``≤ γ_{d+2}``, plus ``≤ 2dλ`` in the sum of squares
-    that underflow, so ``‖h‖ ≤ computed·(1 + 2γ_{d+2}) + 2√(dλ)``. An overflow gives ``inf``
-    (nothing certifies).
+    that underflow, so ``‖h‖ ≤ computed·(1 + 2γ_{d+2}) + 2√(dλ)``. Rows whose squares overflow
+    are measured again in float64, divided by a power of two (exact); a non-finite entry gives
+    ``inf`` (nothing certifies).
     """
+    from .bounds import pow2_scales
+
     flat = h.detach().flatten(1)
     d = flat.shape[1]
     g = gamma(d + 2, flat.dtype)
@@ -230,6 +233,14 @@ def norm_upper(h: torch.Tensor) -> torch.Tensor:
         flat, g = flat.to(torch.float64), gamma(d + 2, torch.float64)
     lam = smallest_normal(flat.dtype)
     bound = torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * (1 + 2 * g) + 2 * math.sqrt(d * lam)
+    bad = ~torch.isfinite(bound)
+    if bad.any():
+        rows = flat[bad].to(torch.float64)
+        scale = pow2_scales(rows.abs().amax(dim=1))
+        g64 = gamma(d + 2, torch.float64)
+        again = (torch.linalg.vector_norm(rows / scale[:, None], dim=1) * (1 + 2 * g64)
+                 + 2 * math.sqrt(d * smallest_normal(torch.float64))) * scale
+        bound[bad] = torch.where(torch.isfinite(rows).all(dim=1), again, math.inf)
     return torch.nextafter(bound * INFLATE, torch.full_like(bound, math.inf))
 
 

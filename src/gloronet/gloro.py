@@ -177,7 +177,7 @@ class GloroNet(nn.Module):
         """Logits. In eval mode this is exactly the program certificates describe: IEEE float32 /
         float64 kernels that sum products (:func:`gloronet.fp.sound_kernels`), no autocast —
         whatever the global settings. Training mode runs with the caller's settings."""
-        if self.training:
+        if self.training or _compiling():  # a compiler traces the ops; the runtime sets kernels
             return self.head(self.body(x))
         with fp.sound_kernels(), fp.no_autocast(x.device.type):
             return self.head(self.body(x))
@@ -309,6 +309,11 @@ class GloroNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _minus_cast_shift(radius: torch.Tensor, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,8 @@ class Profile:
     q: tuple[float, ...]  # Q_s for s = 0..S
     head: Head
     threshold: float  # magnitudes below this cannot overflow
+    peak_rel: tuple[float, ...]  # overflow coefficients of the body steps, then the head
+    peak_abs: tuple[float, ...]
 
 
 def make_profile(models, head: Head, dtype) -> Profile:
@@ -113,15 +115,17 @@ def make_profile(models, head: Head, dtype) -> Profile:
     for m in models:
         q.append(fp.up(m.lip * q[-1] + m.rel * (prefix[-1] + q[-1])))
         prefix.append(math.nextafter(prefix[-1] * m.lip, math.inf))
-    return Profile(tuple(models), tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype))
+    return Profile(tuple(models), tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype),
+                   tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,))
 
 
-def _overflow_radius(peak_rel: float, peak_abs: float, rho0: torch.Tensor, slope: float, threshold: float) -> torch.Tensor:
-    """Largest ``r`` with ``peak_rel·(rho0 + slope·r) + peak_abs ≤ threshold`` (rounded down; inf if none binds)."""
+def _overflow_radius(peak_rel, peak_abs, rho0: torch.Tensor, slope, threshold: float) -> torch.Tensor:
+    """Largest ``r`` with ``peak_rel·(rho0 + slope·r) + peak_abs ≤ threshold`` for every row of
+    ``rho0`` (S, B) (coefficients (S, 1)); rounded down, inf where nothing grows, min over rows."""
     room = _down(threshold - _up(peak_abs + peak_rel * rho0))
-    grow = _up(torch.full_like(rho0, peak_rel * slope))
+    grow = _up(peak_rel * slope).expand_as(room)
     r = torch.where(grow > 0, _down(room / grow), torch.full_like(room, math.inf))
-    return torch.where(room > 0, r, torch.zeros_like(r))
+    return torch.where(room > 0, r, torch.zeros_like(r)).amin(dim=0)
 
 
 @dataclass
@@ -173,17 +177,18 @@ def margin_bounds(
         return MarginBounds(y=y, K=K, cap=torch.full((B,), math.inf, dtype=torch.float64, device=dev))
     pc = torch.zeros(B, dtype=torch.float64, device=dev)
     p = torch.zeros_like(pc)
-    cap = torch.full_like(pc, math.inf)
+    balls = []  # ‖â_s(x')‖ ≤ ball_s + (L_s + Q_s) r
     for s, m in enumerate(profile.models):
         rho = norms[s].to(dev)
-        ball0 = rho + pc + p
-        grow = profile.prefix_lip[s] + profile.q[s]
-        cap = torch.minimum(cap, _overflow_radius(m.peak_rel, m.peak_abs, ball0, grow, profile.threshold))
-        pc, p = _up(m.lip * pc + m.rel * rho + m.abs), _up(m.lip * p + m.rel * ball0 + m.abs)
+        balls.append(rho + pc + p)
+        pc, p = _up(m.lip * pc + m.rel * rho + m.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)
     hd = profile.head
     rho = norms[-1].to(dev)
+    balls.append(rho + pc + p)
     grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
-    cap = torch.minimum(cap, _overflow_radius(hd.peak_rel, hd.peak_abs, rho + pc + p, grow, profile.threshold))
+    column = lambda v: torch.tensor(v, dtype=torch.float64, device=dev)[:, None]  # noqa: E731
+    cap = _overflow_radius(column(profile.peak_rel), column(profile.peak_abs), torch.stack(balls),
+                           column([a + b for a, b in zip(profile.prefix_lip, profile.q)]), profile.threshold)
     h = head_input.detach().flatten(1).to(torch.float64)
     w, b, row = hd.weight.to(dev), hd.bias.to(dev), hd.row_norm.to(dev)
     reach = _up(h.abs() @ hd.abs_weight.to(dev).t() + b.abs())  # (B, C) Σ|w_kt||ĉ_t| + |b_k|
