@@ -31,18 +31,20 @@ from throughput import plain_twin  # noqa: E402
 from gloronet import models  # noqa: E402
 from gloronet.checkpoint import load_model  # noqa: E402
 from gloronet.data import load_dataset  # noqa: E402
+from gloronet.nn import accumulate  # noqa: E402
 
 
 def _best_times(fns: dict, repeats: int) -> dict:
-    """Best wall time of each function, measured in interleaved rounds (so drifts of a shared
-    machine hit all of them alike)."""
+    """Best wall time of each function, measured in interleaved rounds with a rotating order (so
+    drifts of a shared machine hit all of them alike)."""
     for fn in fns.values():
         fn()  # warm-up (bounds, caches)
     best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for rnd in range(repeats):
+        for k in keys[rnd % len(keys):] + keys[: rnd % len(keys)]:  # rotate: no one always runs first
             t = time.perf_counter()
-            fn()
+            fns[k]()
             best[k] = min(best[k], time.perf_counter() - t)
     return best
 
@@ -54,7 +56,7 @@ def _synthetic_liresnet(limit: int, train_steps: int):
     g = torch.Generator().manual_seed(1)
     protos = torch.rand(10, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (limit,), generator=g)
-    x = (protos[y] + 0.15 * torch.randn(limit, 3, 32, 32, generator=g)).clamp(0, 1)
+    x = (0.5 + 0.1 * (protos[y] - 0.5) + 0.3 * torch.randn(limit, 3, 32, 32, generator=g)).clamp(0, 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net.train()
     for step in range(train_steps):
@@ -99,7 +101,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--train-steps", type=int, default=60, help="training steps of the synthetic LiResNet")
+    p.add_argument("--max-chunks", type=int, help="override gloronet.nn.accumulate.MAX_CHUNKS (1: fused kernels)")
     args = p.parse_args()
+    if args.max_chunks is not None:
+        accumulate.MAX_CHUNKS = args.max_chunks
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -110,7 +115,8 @@ def main() -> None:
         rows.append(_run(f"{net.config['name']} on {cfg['dataset']}", net, x, y, args.batch, args.repeats))
     if args.liresnet:
         rows.append(_run(*_synthetic_liresnet(args.limit, args.train_steps), args.batch, args.repeats))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}, "
+          f"at most {accumulate.MAX_CHUNKS} chunks per sum\n")
     print("| model | n | ε | VRA exact-arith. % | VRA fp-sound % | lost (points) | median radius lost "
           "| certify img/s | net(x) img/s | certify / net(x) | plain twin img/s | certify / plain | exact certify img/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
