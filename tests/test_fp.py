@@ -312,21 +312,6 @@ def test_error_model_turns_nan_into_no_bound():
         fp.ErrorModel(lip=1.0, rel=-1.0)
 
 
-def test_unknown_layer_has_no_error_model():
-    class Scale(gloronet.nn.LipschitzModule):
-        def forward(self, x):
-            return 2 * x
-
-        def lipschitz(self):
-            return torch.tensor(2.0)
-
-        def lipschitz_bound(self):
-            return 2.0
-
-    with pytest.raises(gloronet.UnboundedLayerError, match="error model"):
-        error_model_of(Scale(), (3,), torch.float32, 2.0)
-
-
 # --------------------------------------------------------------------------- norms
 def test_norm_upper_is_an_upper_bound():
     g = _gen(6)
