@@ -14,6 +14,7 @@ from gloronet import data, liresnet, models
 from gloronet.config import build_config
 from gloronet.losses import make_loss
 from gloronet.optim import make_optimizer
+from gloronet.relaxed import make_relaxation
 from gloronet.schedules import make_schedule
 from gloronet.train import _TrainStep, train_step
 
@@ -24,7 +25,8 @@ def test_there_are_recipes_for_every_table_row():
     names = {p.stem for p in CONFIGS}
     for row in ["mnist-2c2f-eps0.3", "mnist-4c3f-eps1.58", "cifar10-6c2f-eps36", "tiny-imagenet-8c2f-eps36",
                 "fashion-mnist-2c2f-eps0.3", "fashion-mnist-4c3f-eps1.58", "cifar10-liresnet-18l256w-eps36",
-                "cifar10-chord-12l512w-eps36", "imagenet-chord-12l588w-eps36"]:
+                "cifar10-chord-12l512w-eps36", "imagenet-chord-12l588w-eps36", "cifar100-6c2f-rtk5-eps36",
+                "cifar100-6c2f-affinity-eps36", "fashion-mnist-2c2f-rtk2-eps0.3", "fashion-mnist-2c2f-affinity-eps0.3"]:
         assert row in names
 
 
@@ -50,7 +52,8 @@ def test_recipe_builds_and_steps(path):
     x = torch.rand(2, *info_shape)
     y = torch.tensor([0, 1])
     before = [p.detach().clone() for p in net.parameters()]
+    relax = make_relaxation(info.num_classes, cfg.top_k, cfg.affinity)
     loss, logits, bottom = train_step(_TrainStep(net.train()), opt, make_loss(cfg.loss), x, y, eps(1.0),
-                                      lam(1.0) if lam else None, cfg, torch.device("cpu"))
+                                      lam(1.0) if lam else None, cfg, torch.device("cpu"), relax)
     assert torch.isfinite(loss) and logits.shape == (2, info.num_classes) and bottom.shape == (2, info.num_classes + 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -178,3 +178,23 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         checkpoint.atomic_write(target, failing)
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("relax", [{"top_k": 2}, {"affinity": [[0, 1, 2], [3, 5, 8], [4, 7, 9]]}])
+def test_relaxed_training_and_cli_certify(tmp_path, data_dir, relax):
+    """An RTK / affinity run trains with the relaxed bottom logit (its loss differs from ordinary
+    GloRo from the first step) and `gloronet certify` reports the relaxed metrics from the run's
+    own config; --top-k overrides it."""
+    run = tmp_path / "run"
+    last = train(build_config(None, small(data_dir, epochs=1, **relax)), run, progress=False)
+    plain = train(build_config(None, small(data_dir, epochs=1)), tmp_path / "plain", progress=False)
+    assert last["loss"] != plain["loss"]
+    assert cli.main(["certify", str(run), "--limit", "64", "-q"]) == 0
+    report = json.loads((run / "certify.json").read_text())
+    rel = report["relaxed"]
+    assert rel["kind"] == ("rtk" if "top_k" in relax else "affinity")
+    assert set(rel) >= {"vra", "rejection", "k_counts", "top_k_accuracy"} and sum(rel["k_counts"]["0.3"]) == 64
+    assert "certified k" in (run / "certify.md").read_text()
+    assert cli.main(["certify", str(run), "--limit", "64", "-q", "--top-k", "4", "--out", str(tmp_path / "k4")]) == 0
+    assert json.loads((tmp_path / "k4" / "certify.json").read_text())["relaxed"]["top_k"] == 4
+    assert cli.main(["certify", str(run), "--limit", "8", "-q", "--affinity", "no-such-set"]) == 2

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, write_json
 from .gloro import GloroNet
+from .relaxed import certified_k, make_relaxation
 
 
 @torch.no_grad()
@@ -30,11 +31,15 @@ def certify_dataset(
     device: str | torch.device | None = None,
     progress: bool = False,
     arithmetic: str = "float",
+    top_k: int | None = None,
+    affinity=None,
 ) -> dict:
     """Certify ``images`` (N, C, H, W) in [0, 1] with labels (N,); returns a report dict.
 
     ``arithmetic``: ``"float"`` (sound for the floating-point forward pass) or ``"exact"`` (the
-    GloRo paper's real-arithmetic test), as :meth:`gloronet.GloroNet.certify`.
+    GloRo paper's real-arithmetic test), as :meth:`gloronet.GloroNet.certify`. With ``top_k`` /
+    ``affinity`` the report also holds the relaxed metrics (:func:`relaxed_metrics`); the ordinary
+    VRA comes from the same pass (the ``k = 1`` radius is the ordinary radius).
     """
     if images.dim() != 4 or labels.shape != (len(images),):
         raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
@@ -42,15 +47,23 @@ def certify_dataset(
     start = time.perf_counter()
     K = net.lipschitz_constant()
     bound_seconds = time.perf_counter() - start
-    radii, correct = [], []
+    relax = make_relaxation(net.num_classes, top_k, affinity)
+    radii, correct, sets = [], [], []
     batches = range(0, len(images), batch_size)
     for i in tqdm(batches, desc="certify", disable=not progress, leave=False):
         x = images[i : i + batch_size].to(device)
         if not x.is_floating_point():
             x = x.float().div_(255)
-        cert = net.certify(x, arithmetic=arithmetic)
-        radii.append(cert.radius.cpu())
-        correct.append((cert.pred.cpu() == labels[i : i + batch_size].cpu()))
+        y = labels[i : i + batch_size].cpu()
+        if relax is None:
+            cert = net.certify(x, arithmetic=arithmetic)
+            radius, pred = cert.radius.cpu(), cert.pred.cpu()
+        else:
+            cert = net.certify(x, arithmetic=arithmetic, top_k=relax.top_k, affinity=relax.groups)
+            radius, pred = cert.radii[:, 0].cpu(), cert.classes[:, 0].cpu()
+            sets.append((cert.radii.cpu(), cert.classes.cpu(), cert.groups_of_k.cpu()))
+        radii.append(radius)
+        correct.append(pred == y)
     radius, correct = torch.cat(radii), torch.cat(correct)
     eps_all = sorted({float(net.epsilon), *map(float, epsilons)})
     vra = {e: float((correct & (radius > e)).double().mean()) for e in eps_all}
@@ -71,9 +84,29 @@ def certify_dataset(
             "quantiles": dict(zip(["p10", "p25", "p50", "p75", "p90"], finite.quantile(q).tolist())) if len(finite) else {},
         },
         "K_max": float(K.max()),
+        **({} if relax is None else {"relaxed": relaxed_metrics(relax, *map(torch.cat, zip(*sets)), labels.cpu(), eps_all)}),
         "_radius": radius,
         "_correct": correct,
     }
+
+
+def relaxed_metrics(relax, radii: torch.Tensor, classes: torch.Tensor, groups_of_k: torch.Tensor,
+                    labels: torch.Tensor, epsilons) -> dict:
+    """RTK / affinity metrics (Leino & Fredrikson 2021) from per-example radii of each ``k``:
+    relaxed VRA at each ε (the label lies in the certified top-k set), rejection rate (no k
+    certified), the distribution of certified k at each ε, and clean top-k accuracy."""
+    in_set = torch.cumsum(classes == labels[:, None], dim=1) > 0  # (N, K): label ∈ S_k
+    out = {"kind": relax.kind, "top_k": relax.top_k, "vra": {}, "rejection": {}, "k_counts": {},
+           "top_k_accuracy": {str(k + 1): float(in_set[:, k].double().mean()) for k in range(relax.top_k)}}
+    for e in epsilons:
+        k, _ = certified_k(radii, groups_of_k, e)
+        hit = (k > 0) & in_set.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0]
+        out["vra"][f"{e:g}"] = float(hit.double().mean())
+        out["rejection"][f"{e:g}"] = float((k == 0).double().mean())
+        out["k_counts"][f"{e:g}"] = torch.bincount(k, minlength=relax.top_k + 1).tolist()
+    if relax.groups is not None:
+        out["groups"] = [list(g) for g in relax.groups]
+    return out
 
 
 def markdown_table(report: dict, title: str = "") -> str:
@@ -86,11 +119,21 @@ def markdown_table(report: dict, title: str = "") -> str:
     for eps, v in report["vra"].items():
         mark = " (target)" if math.isclose(float(eps), report["epsilon"]) else ""
         lines.append(f"| {eps}{mark} | {100 * v:.2f}% |")
+    rel = report.get("relaxed")
+    if rel:
+        name = "affinity" if rel["kind"] == "affinity" else f"RTK (K = {rel['top_k']})"
+        lines += ["", f"{name}: the label lies in the certified top-k set; k = 0 is a rejection. Clean top-k accuracy: "
+                  + ", ".join(f"top-{k} {100 * v:.2f}%" for k, v in rel["top_k_accuracy"].items()), "",
+                  f"| ε | VRA | {name} VRA | rejected | certified k = 0, 1, …, {rel['top_k']} |", "|---:|---:|---:|---:|---|"]
+        for eps, v in rel["vra"].items():
+            counts = " / ".join(str(c) for c in rel["k_counts"][eps])
+            lines.append(f"| {eps} | {100 * report['vra'][eps]:.2f}% | {100 * v:.2f}% | {100 * rel['rejection'][eps]:.2f}% | {counts} |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def plot_report(report: dict, path: str | Path) -> bool:
-    """VRA-vs-ε curve and certified-radius histogram as PNG; False if matplotlib is missing."""
+    """VRA-vs-ε curve, certified-radius histogram (and, for relaxed certificates, the distribution of
+    certified k) as PNG; False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -102,7 +145,9 @@ def plot_report(report: dict, path: str | Path) -> bool:
     top = max(2.0 * report["epsilon"], float(report["radius_correct"]["quantiles"].get("p90", 0.0)), 1e-6)
     grid = torch.linspace(0, top, 200, dtype=torch.float64)
     curve = [(correct & (radius > e)).double().mean().item() for e in grid]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rel = report.get("relaxed")
+    fig, axes = plt.subplots(1, 3 if rel else 2, figsize=(15 if rel else 10, 3.8))
+    a, b = axes[0], axes[1]
     a.plot(grid.numpy(), [100 * c for c in curve])
     a.axvline(report["epsilon"], ls="--", c="gray", label=f"target ε = {report['epsilon']:g}")
     a.set(xlabel="ε (L2)", ylabel="VRA (%)", title="verified-robust accuracy", ylim=(0, 100))
@@ -111,6 +156,11 @@ def plot_report(report: dict, path: str | Path) -> bool:
     b.hist(r.numpy(), bins=40, color="tab:green")
     b.axvline(report["epsilon"], ls="--", c="gray")
     b.set(xlabel="certified radius (correct examples)", ylabel="count", title="certified radii")
+    if rel:
+        counts = rel["k_counts"][f"{report['epsilon']:g}"]
+        axes[2].bar(range(len(counts)), counts, color="tab:purple")
+        axes[2].set(xlabel="certified k (0 = rejected)", ylabel="count", xticks=range(len(counts)),
+                    title=f"certified top-k set size at ε = {report['epsilon']:g}")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -39,8 +39,10 @@ def _certify(args) -> int:
     images, labels = data.load_dataset(dataset, args.split, args.data_dir or cfg.get("data_dir"), args.limit, dtype=torch.uint8)
     extra = list(args.eps or []) + list(cfg.get("certify_epsilons") or [])
     extra += [net.epsilon * f for f in (0.5, 1.5, 2.0)]
+    top_k = args.top_k if args.top_k is not None else cfg.get("top_k")
+    affinity = args.affinity if args.affinity is not None else cfg.get("affinity")
     report = certify_dataset(net, images, labels, extra, batch_size=args.batch_size, device=device,
-                             progress=not args.quiet, arithmetic=args.arithmetic)
+                             progress=not args.quiet, arithmetic=args.arithmetic, top_k=top_k, affinity=affinity)
     report.update(dataset=dataset, split=args.split, model=net.config)
     paths = write_reports(report, args.out or run, title=f"{net.config['name']} on {dataset} ({args.split})")
     print(markdown_table(report, f"{net.config['name']} on {dataset} ({args.split})"))
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--arithmetic", default="float", choices=["float", "exact"],
                    help="float (default): certificates sound for the floating-point forward pass; exact: the "
                         "real-arithmetic test of the GloRo paper, which ignores rounding (for comparison with papers)")
+    c.add_argument("--top-k", type=int, help="also certify relaxed top-K robustness (default: the run's top_k)")
+    c.add_argument("--affinity", help="also certify affinity robustness: a named set "
+                   "(cifar100-superclasses, fashion-mnist-groups) or a YAML/JSON file of class lists (default: the run's)")
     c.add_argument("-q", "--quiet", action="store_true")
     sub.add_parser("models", help="list registered architectures")
     return p

@@ -27,6 +27,8 @@ class TrainConfig:
     # robustness
     epsilon: float = 0.3  # target ε: validation and certification always use it
     train_epsilon: Any = None  # schedule spec, factors relative to `epsilon`; default: constant ε
+    top_k: int | None = None  # relaxed top-K (RTK) GloRo: train and certify the top-k set, k <= top_k
+    affinity: Any = None  # affinity GloRo: list of class lists, a named set or a file (gloronet.relaxed)
     loss: Any = "crossentropy"  # crossentropy | trades | emma | {name: trades, lam: 1.5}
     trades_lam: Any = None  # schedule spec for TRADES λ (overrides the loss's lam)
     # optimisation
@@ -57,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
             raise ValueError(f"epsilon must be a positive number, got {self.epsilon!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or null, got {self.top_k!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
         return self

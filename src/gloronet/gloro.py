@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fp
+from . import fp, relaxed
 from . import radius as radius_mod
 from .bounds import GRAM_SLACK, mul_up, pow2_scales
 from .nn.base import (
@@ -111,6 +111,13 @@ def append_bottom_logit(logits: torch.Tensor, K: torch.Tensor, epsilon: float) -
     return torch.cat([logits, bottom], dim=1)
 
 
+def bottom_logit(logits: torch.Tensor, K: torch.Tensor, epsilon: float, relax=None) -> torch.Tensor:
+    """``[y, y_⊥]``: the GloRo bottom logit, or the relaxed one for a :class:`~gloronet.relaxed.Relaxation`."""
+    if relax is None or (relax.top_k == 1 and relax.groups is None):
+        return append_bottom_logit(logits, K, epsilon)
+    return relaxed.bottom_logit(logits, K, epsilon, relax)
+
+
 @dataclass
 class Certificate:
     """Per-example certification result (all tensors have batch dimension B).
@@ -188,10 +195,14 @@ class GloroNet(nn.Module):
         w = head_weight(self.head).float()
         return lipschitz_estimate_of(self.body).to(w.device) * pairwise_row_distances(w)
 
-    def bottom_logits(self, x: torch.Tensor, epsilon: float | None = None) -> torch.Tensor:
-        """(B, C+1) logits with the bottom logit last, from the training estimate."""
+    def bottom_logits(self, x: torch.Tensor, epsilon: float | None = None, top_k: int | None = None,
+                      affinity=None) -> torch.Tensor:
+        """(B, C+1) logits with the bottom logit last, from the training estimate; with ``top_k`` /
+        ``affinity`` the relaxed bottom logit (:func:`gloronet.relaxed.bottom_logit`)."""
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
-        return append_bottom_logit(self(x), self.pairwise_lipschitz(), eps)
+        logits = self(x)
+        relax = relaxed.make_relaxation(logits.shape[1], top_k, affinity)
+        return bottom_logit(logits, self.pairwise_lipschitz(), eps, relax)
 
     # -- certification: provable bounds ----------------------------------------------------------
     def _model_dtype(self) -> torch.dtype:
@@ -251,7 +262,8 @@ class GloroNet(nn.Module):
         return self._sound_bounds().K.clone()
 
     @torch.no_grad()
-    def certify(self, x: torch.Tensor, epsilon: float | None = None, arithmetic: str = "float") -> Certificate:
+    def certify(self, x: torch.Tensor, epsilon: float | None = None, arithmetic: str = "float",
+                top_k: int | None = None, affinity=None):
         """Certify each example of ``x`` at radius ε using only provable bounds.
 
         ``arithmetic="float"`` (default): the certificate holds for this network's own
@@ -261,6 +273,11 @@ class GloroNet(nn.Module):
         the exact network. ``arithmetic="exact"``: the real-arithmetic test of the GloRo paper,
         which ignores rounding — for comparison with published numbers only.
 
+        With ``top_k=K`` and/or ``affinity=groups`` (a list of class-index lists, a named set of
+        :data:`gloronet.relaxed.NAMED_AFFINITIES` or a YAML/JSON file) it returns a
+        :class:`gloronet.relaxed.RelaxedCertificate` (``.k``, ``.classes``, ``.group``) with the
+        same soundness; ``top_k=1`` is ordinary GloRo.
+
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
         Ties and non-finite inputs, logits or bounds never certify; ``certified`` is exactly
         ``radius > ε``.
@@ -268,6 +285,19 @@ class GloroNet(nn.Module):
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
         if arithmetic not in ARITHMETIC:
             raise ValueError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
+        relax = relaxed.make_relaxation(self.num_classes, top_k, affinity)
+        logits, margins, adjust = self._margin_pass(x, arithmetic)
+        if relax is not None:
+            return relaxed.certify_relaxed(margins, logits, relax, eps, arithmetic, adjust)
+        pred = logits.detach().argmax(dim=1)
+        radius = adjust(radius_mod.certified_radii(margins, pred))
+        return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits.to(torch.float64),
+                           epsilon=eps, arithmetic=arithmetic)
+
+    def _margin_pass(self, x: torch.Tensor, arithmetic: str):
+        """The certifying forward pass: ``(logits, MarginBounds, adjust)``, where ``adjust`` maps
+        radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus the
+        cast to the model's dtype; 0 for non-finite inputs, logits or bounds)."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             raise ValueError(f"certify expects a floating-point batch tensor (B, ...), got {type(x).__name__} "
                              f"{tuple(x.shape) if torch.is_tensor(x) else ''}")
@@ -296,16 +326,21 @@ class GloroNet(nn.Module):
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(f"certification needs logits of shape (B, C>=2), got {tuple(logits.shape)}")
         profile = self._profile(bounds, tuple(shapes)) if sound_fp else None
-        pred = logits.detach().argmax(dim=1)
         margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile, norms, h)
-        radius = radius_mod.certified_radii(margins, pred)
-        radius = _minus_cast_shift(radius, x, xc)
         # a finite norm bound means every coordinate of the input is finite
         finite_x = torch.isfinite(norms[0]) if sound_fp else torch.isfinite(xc.flatten(1)).all(dim=1)
-        finite = torch.isfinite(logits).all(dim=1) & finite_x.to(radius.device) & bool(torch.isfinite(bounds.K).all())
-        radius = torch.where(finite, radius, torch.zeros_like(radius))
-        return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits.to(torch.float64),
-                           epsilon=eps, arithmetic=arithmetic)
+        finite = torch.isfinite(logits).all(dim=1) & finite_x.to(logits.device) & bool(torch.isfinite(bounds.K).all())
+        shift = _cast_shift(x, xc)
+
+        def adjust(radius: torch.Tensor) -> torch.Tensor:
+            ok = finite.to(radius.device).view(-1, *([1] * (radius.dim() - 1)))
+            if shift is not None:
+                s = shift.to(radius.device).view_as(ok)
+                radius = torch.where(torch.isfinite(s), torch.nextafter(radius - s, torch.full_like(radius, -math.inf)), 0.0)
+                radius = radius.clamp_min(0.0)
+            return torch.where(ok, radius, torch.zeros_like(radius))
+
+        return logits, margins, adjust
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
@@ -316,12 +351,10 @@ def _compiling() -> bool:
     return bool(is_compiling and is_compiling())
 
 
-def _minus_cast_shift(radius: torch.Tensor, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-    """Radius around the caller's ``x`` from the radius around its cast ``xc`` (the point the
-    model received): ``r − ‖x − xc‖`` rounded down; unchanged when the cast was exact."""
+def _cast_shift(x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor | None:
+    """(B,) upper bounds of ``‖x − xc‖`` when casting the caller's ``x`` to the model's dtype
+    rounded it (radii around ``xc`` shrink by this much around ``x``); None when it was exact."""
     if torch.finfo(x.dtype).bits <= torch.finfo(xc.dtype).bits:
-        return radius  # widening (or same dtype): exact
-    shift = fp.norm_upper(x.to(device=xc.device, dtype=torch.float64) - xc.to(torch.float64)).to(radius.device)
-    shift = torch.nextafter(shift * fp.INFLATE, torch.full_like(shift, math.inf))
-    out = torch.nextafter(radius - shift, torch.full_like(radius, -math.inf)).clamp_min(0.0)
-    return torch.where(torch.isfinite(shift), out, torch.zeros_like(out))
+        return None  # widening (or same dtype): exact
+    shift = fp.norm_upper(x.to(device=xc.device, dtype=torch.float64) - xc.to(torch.float64))
+    return torch.nextafter(shift * fp.INFLATE, torch.full_like(shift, math.inf))

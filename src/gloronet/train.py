@@ -25,7 +25,8 @@ from . import data, models
 from .certify import certify_dataset
 from .checkpoint import atomic_write, load_state, save_model, save_state
 from .config import TrainConfig
-from .gloro import GloroNet, append_bottom_logit
+from .gloro import GloroNet, bottom_logit
+from .relaxed import make_relaxation
 from .losses import make_loss
 from .optim import make_optimizer
 from .schedules import make_schedule
@@ -77,12 +78,14 @@ def _write_log(out: Path, rows: list[dict]) -> None:
     atomic_write(out / "log.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
-def train_step(step_module: nn.Module, opt, loss_fn, x, y, eps: float, lam: float | None, cfg: TrainConfig, device):
-    """One optimizer step; returns (loss, logits, bottom_logits), all from the training estimate."""
+def train_step(step_module: nn.Module, opt, loss_fn, x, y, eps: float, lam: float | None, cfg: TrainConfig, device,
+               relax=None):
+    """One optimizer step; returns (loss, logits, bottom_logits), all from the training estimate
+    (the relaxed bottom logit for an RTK / affinity ``relax``)."""
     with autocast_for(cfg, device):
         logits, K = step_module(x)
     logits = logits.float()
-    bottom = append_bottom_logit(logits, K, eps)
+    bottom = bottom_logit(logits, K, eps, relax)
     loss = loss_fn(logits=logits, bottom_logits=bottom, K=K, labels=y, epsilon=eps, lam=lam)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -116,6 +119,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     loader = data.GPULoader(x_train, y_train, cfg.batch_size // world, augment=augment, device=device,
                             seed=cfg.seed, rank=rank, world_size=world)
 
+    relax = make_relaxation(info.num_classes, cfg.top_k, cfg.affinity)
     net = models.create(cfg.model, info.in_shape, info.num_classes, cfg.epsilon, **cfg.model_args).to(device)
     net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
     opt = make_optimizer(net.parameters(), cfg.optimizer, cfg.weight_decay, cfg.lookahead)
@@ -146,7 +150,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             eps, lr = eps_at(t), lr_at(t)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, logits, bottom = train_step(step_module, opt, loss_fn, x, y, eps, lam_at(t) if lam_at else None, cfg, device)
+            loss, logits, bottom = train_step(step_module, opt, loss_fn, x, y, eps, lam_at(t) if lam_at else None, cfg, device,
+                                              relax)
             with torch.no_grad():
                 pred = bottom.argmax(1)
                 sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), (pred == y).sum(),
