@@ -27,6 +27,8 @@ class TrainConfig:
     # robustness
     epsilon: float = 0.3  # target ε: validation and certification always use it
     train_epsilon: Any = None  # schedule spec, factors relative to `epsilon`; default: constant ε
+    degradation_defense: bool = False  # train for 2ε (factors of train_epsilon apply to 2ε) while
+    # certifying at ε: ε-perturbations cannot make a point certified at 2ε abstain (Mangal et al.)
     top_k: int | None = None  # relaxed top-K (RTK) GloRo: train and certify the top-k set, k <= top_k
     affinity: Any = None  # affinity GloRo: list of class lists, a named set or a file (gloronet.relaxed)
     loss: Any = "crossentropy"  # crossentropy | trades | emma | {name: trades, lam: 1.5}
@@ -44,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 1
+    train_vra_subset: int = 0  # > 0: also certify the first N training images at each eval epoch
+    # (log.csv columns train_subset_acc / train_subset_vra; robust overfitting, `gloronet overfit`)
     checkpoint_every: int = 1
     certify_epsilons: list = field(default_factory=list)  # extra ε for the final report
 
@@ -61,6 +65,10 @@ class TrainConfig:
             raise ValueError(f"epsilon must be a positive number, got {self.epsilon!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer or null, got {self.top_k!r}")
+        if not isinstance(self.degradation_defense, bool):
+            raise ValueError(f"degradation_defense must be true or false, got {self.degradation_defense!r}")
+        if isinstance(self.train_vra_subset, bool) or not isinstance(self.train_vra_subset, int) or self.train_vra_subset < 0:
+            raise ValueError(f"train_vra_subset must be an integer >= 0, got {self.train_vra_subset!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
         return self

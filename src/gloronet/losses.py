@@ -1,4 +1,5 @@
-"""Training losses for GloRo networks: GloRo cross-entropy, TRADES and EMMA.
+"""Training losses for GloRo networks: GloRo cross-entropy, TRADES and EMMA — and ``standard``
+cross-entropy on the clean logits (no bottom logit), for the non-robust twin of a GloRo model.
 
 All losses are pure functions on tensors, differentiable, and return the mean over the batch
 (``reduction="mean"``), the sum (``"sum"``) or the per-example values (``"none"``).
@@ -34,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "gloro_cross_entropy",
+    "standard_cross_entropy",
     "trades_kl",
     "trades_loss",
     "emma_loss",
@@ -163,6 +165,18 @@ def gloro_cross_entropy(bottom_logits: Tensor, labels: Tensor, reduction: str = 
     labels = _check_labels(labels, batch, num_cols - 1, "bottom_logits")
     z = bottom_logits.to(_working_dtype(bottom_logits))
     return F.cross_entropy(z, labels, reduction=reduction)
+
+
+def standard_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Ordinary softmax cross-entropy on the ``C`` clean logits: no bottom logit, ε ignored.
+
+    Trains the *non-robust twin* of a GloRo model (same architecture, data and loop), the
+    baseline that shows what robust training changes (membership inference, attributions).
+    """
+    _check_reduction(reduction)
+    _check_scores(logits, "logits", min_classes=2)
+    labels = _check_labels(labels, logits.shape[0], logits.shape[1], "logits")
+    return F.cross_entropy(logits.to(_working_dtype(logits)), labels, reduction=reduction)
 
 
 def _check_clean_and_bottom(logits: Tensor, bottom_logits: Tensor) -> None:
@@ -319,10 +333,11 @@ _CANONICAL = {
     "gloro_ce": "crossentropy",
     "trades": "trades",
     "emma": "emma",
+    "standard": "standard",
 }
 LOSS_NAMES = tuple(_CANONICAL)
-_NEEDS = {"crossentropy": "bottom", "trades": "bottom+clean", "emma": "pairwise"}
-_ALLOWED_KEYS = {"crossentropy": ("name",), "trades": ("name", "lam"), "emma": ("name",)}
+_NEEDS = {"crossentropy": "bottom", "trades": "bottom+clean", "emma": "pairwise", "standard": "clean"}
+_ALLOWED_KEYS = {"crossentropy": ("name",), "trades": ("name", "lam"), "emma": ("name",), "standard": ("name",)}
 _DEFAULT_LAM = 1.0  # gloro's Trades default
 
 
@@ -331,13 +346,15 @@ class GloroLoss:
     lam=...)``; keyword-only, arguments the loss does not need are ignored.
 
     Attributes:
-        name: canonical name, ``"crossentropy"``, ``"trades"`` or ``"emma"``.
+        name: canonical name, ``"crossentropy"``, ``"trades"``, ``"emma"`` or ``"standard"``.
         needs: what the training loop must compute —
             ``"bottom"`` (bottom_logits), ``"bottom+clean"`` (logits and bottom_logits; for TRADES
             ``logits`` may be omitted and is then ``bottom_logits[:, :-1]``, as in gloro), or
             ``"pairwise"`` (logits, K and epsilon).
         lam: default TRADES weight (``None`` for other losses); a ``lam`` passed at call time
-            (e.g. from a schedule) overrides it.
+            (e.g. from a schedule) overrides it. ``"clean"`` (logits only): ``standard``, plain
+            cross-entropy that ignores ε and the bottom logit — a non-robust twin with the same
+            architecture, data and loop (``gloronet privacy`` / ``overfit`` compare against it).
     """
 
     def __init__(self, name: str, lam: float | None = None):
@@ -370,6 +387,8 @@ class GloroLoss:
             return value
 
         need(labels, "labels")
+        if self.name == "standard":
+            return standard_cross_entropy(need(logits, "logits"), labels, reduction)
         if self.name == "crossentropy":
             return gloro_cross_entropy(need(bottom_logits, "bottom_logits"), labels, reduction)
         if self.name == "trades":
@@ -401,7 +420,8 @@ def _canonical_name(name: Any) -> str:
 def make_loss(spec: str | Mapping[str, Any] | GloroLoss) -> GloroLoss:
     """Build a :class:`GloroLoss` from a config value.
 
-    ``spec`` is a name — ``"crossentropy"`` (alias ``"gloro_ce"``), ``"trades"``, ``"emma"``
+    ``spec`` is a name — ``"crossentropy"`` (alias ``"gloro_ce"``), ``"trades"``, ``"emma"``,
+    ``"standard"`` (plain cross-entropy on the clean logits: the non-robust twin)
     (case-insensitive, ``-`` read as ``_``) — or a mapping ``{"name": ..., **options}``; the only
     option is ``lam`` (TRADES λ, default 1.0). A :class:`GloroLoss` is returned unchanged.
     Unknown names or keys raise ``ValueError`` listing the allowed ones.

@@ -31,7 +31,10 @@ from .losses import make_loss
 from .optim import make_optimizer
 from .schedules import make_schedule
 
-LOG_FIELDS = ["epoch", "lr", "train_epsilon", "loss", "train_acc", "train_vra_est", "test_acc", "test_vra", "lipschitz_bound", "seconds"]
+LOG_FIELDS = ["epoch", "lr", "train_epsilon", "loss", "train_acc", "train_vra_est", "test_acc", "test_vra",
+              "train_subset_acc", "train_subset_vra", "lipschitz_bound", "seconds"]
+# train_subset_*: sound clean accuracy / VRA of the first `train_vra_subset` training images (empty
+# when off, and in logs written before the columns existed: such logs still resume).
 
 
 class _TrainStep(nn.Module):
@@ -124,7 +127,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
     opt = make_optimizer(net.parameters(), cfg.optimizer, cfg.weight_decay, cfg.lookahead)
     lr_at = make_schedule(cfg.lr, cfg.epochs)
-    eps_at = make_schedule(cfg.train_epsilon, cfg.epochs, base=cfg.epsilon)
+    eps_at = make_schedule(cfg.train_epsilon, cfg.epochs, base=cfg.epsilon * (2 if cfg.degradation_defense else 1))
     lam_at = make_schedule(cfg.trades_lam, cfg.epochs) if cfg.trades_lam is not None else None
     loss_fn = make_loss(cfg.loss)
 
@@ -163,12 +166,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             dist.all_reduce(sums)
         s = (sums / sums[3]).tolist()
         row = {"epoch": epoch + 1, "lr": lr, "train_epsilon": eps, "loss": s[0], "train_acc": s[1],
-               "train_vra_est": s[2], "test_acc": "", "test_vra": "", "lipschitz_bound": "",
+               "train_vra_est": s[2], "test_acc": "", "test_vra": "", "train_subset_acc": "", "train_subset_vra": "",
+               "lipschitz_bound": "",
                "seconds": round(time.perf_counter() - t0, 3)}
         last = epoch + 1 == cfg.epochs
         if rank == 0 and (last or (epoch + 1) % cfg.eval_every == 0):
             rep = certify_dataset(net, x_test, y_test, batch_size=max(cfg.batch_size, 512), device=device)
             row.update(test_acc=rep["clean_accuracy"], test_vra=rep["vra"][f"{cfg.epsilon:g}"], lipschitz_bound=rep["lipschitz_bound"])
+            if cfg.train_vra_subset:  # fixed, un-augmented training images: robust overfitting
+                n = cfg.train_vra_subset
+                sub = certify_dataset(net, x_train[:n], y_train[:n], batch_size=max(cfg.batch_size, 512), device=device)
+                row.update(train_subset_acc=sub["clean_accuracy"], train_subset_vra=sub["vra"][f"{cfg.epsilon:g}"])
         rows.append(row)
         if rank == 0:
             if progress:
