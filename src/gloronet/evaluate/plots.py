@@ -1,0 +1,184 @@
+"""Every figure of the studies (matplotlib, optional: ``pip install gloronet[plot]``).
+
+Each ``plot_*(report, path)`` draws from a study's report dict (its ``_``-keys hold the per-point
+tensors), writes a PNG atomically and returns ``True`` — or ``False`` when matplotlib is missing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, path: str | Path) -> bool:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return True
+
+
+def _vra_curve(radius: torch.Tensor, correct: torch.Tensor, top: float, n: int = 200):
+    grid = torch.linspace(0, top, n, dtype=torch.float64)
+    return grid.numpy(), [100 * float((correct & (radius > e)).double().mean()) for e in grid]
+
+
+def plot_attack(report: dict, path) -> bool:
+    """VRA over ε with the empirical robust accuracy at ε; how close the attack at each certified
+    radius came (margin score < 0: the certificate held)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    eps = report["epsilon"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(*_vra_curve(report["_radius"], report["_correct"], 3 * eps), label="VRA (sound certificate)")
+    a.scatter([eps], [100 * report["robust_accuracy"]], c="tab:red", zorder=3, label="empirical robust accuracy (attack)")
+    a.axhline(100 * report["clean_accuracy"], ls=":", c="gray", label="clean accuracy")
+    a.axvline(eps, ls="--", c="gray")
+    a.set(xlabel="ε (L2)", ylabel="%", ylim=(0, 100), title=f"certified vs attacked, n = {report['n']}")
+    a.legend(fontsize=8)
+    used = report["_consumed"]
+    if len(used):
+        b.hist(100 * used.clamp(0, 1.2).numpy(), bins=40, color="tab:green")
+    b.axvline(100, c="tab:red", ls="--", label="broken certificate (≥ 100%)")
+    b.set(xlabel="% of the clean margin used up by the attack inside the certified radius", ylabel="points",
+          title=f"attack at each certified radius: {report['broken_certified']} broken")
+    b.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_degrade(reports: dict[str, dict], path) -> bool:
+    """VRA over ε and the degradation upper bound ``1 − VRA(2ε)/VRA(ε)`` over ε for each model,
+    with the measured attack success at the target ε."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    eps = next(iter(reports.values()))["epsilon"]
+    for k, (name, r) in enumerate(reports.items()):
+        color = f"C{k}"
+        grid, curve = _vra_curve(r["_radius"], r["_correct"], 3 * eps)
+        a.plot(grid, curve, c=color, label=name)
+        r_ok = r["_radius"][r["_correct"]]
+        g = torch.linspace(eps / 20, 2 * eps, 100, dtype=torch.float64)
+        bound = [100 * (1 - float((r_ok > 2 * e).sum()) / max(int((r_ok > e).sum()), 1)) for e in g]
+        b.plot(g.numpy(), bound, c=color, label=f"{name}: upper bound")
+        b.scatter([eps], [100 * r["fraction_degraded"]], c=color, marker="x", s=60, zorder=3, label=f"{name}: attack")
+    for ax in (a, b):
+        ax.axvline(eps, ls="--", c="gray")
+    a.axvline(2 * eps, ls=":", c="gray")
+    a.set(xlabel="ε (L2)", ylabel="VRA (%)", ylim=(0, 100), title="verified-robust accuracy")
+    b.set(xlabel="ε (L2)", ylabel="% of certified points", ylim=(0, 100), title="degradation: points an attacker can make rejected")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_privacy(report: dict, path) -> bool:
+    """ROC curves of the membership-inference attacks, linear and log-log (low-FPR regime)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    styles = {"robust": "-", "twin": "--"}
+    for m, rocs in report["_roc"].items():
+        for k, (score, (fpr, tpr)) in enumerate(rocs.items()):
+            auc = report["models"][m]["attacks"][score]["auc"]
+            for ax in axes:
+                ax.plot(fpr.numpy(), tpr.numpy(), styles.get(m, "-"), c=f"C{k}", label=f"{m}, {score} (AUC {auc:.3f})")
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], c="gray", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    lo = 1 / max(report["n_nonmembers"], 1)
+    axes[0].set(title="membership inference ROC")
+    axes[1].set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1), title="log scale (low FPR)")
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_overfit(report: dict, path) -> bool:
+    """Train-subset and test accuracy / VRA over epochs and their gaps (or, without per-epoch
+    logs, the final model's numbers)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, c, style in (("robust", report["curves"], "-"), ("twin", report.get("twin_curves"), "--")):
+        if not c:
+            continue
+        ep = c["epoch"]
+        for k, (col, label) in enumerate((("train_subset_acc", "train acc"), ("test_acc", "test acc"),
+                                          ("train_subset_vra", "train VRA"), ("test_vra", "test VRA"))):
+            a.plot(ep, [100 * v for v in c[col]], style, c=f"C{k}", label=f"{name}: {label}")
+        b.plot(ep, [100 * (p - q) for p, q in zip(c["train_subset_acc"], c["test_acc"])], style, c="C0", label=f"{name}: acc gap")
+        b.plot(ep, [100 * (p - q) for p, q in zip(c["train_subset_vra"], c["test_vra"])], style, c="C2", label=f"{name}: VRA gap")
+    if not report["curves"]:
+        names = list(report["final"])
+        for k, key in enumerate(("train_acc", "test_acc", "train_vra", "test_vra")):
+            a.bar([i + 0.2 * k for i in range(len(names))], [100 * report["final"][n][key] for n in names], 0.2, label=key)
+        a.set_xticks(range(len(names)), names)
+    a.set(xlabel="epoch", ylabel="%", ylim=(0, 100), title=f"train subset vs test (ε = {report['epsilon']:g})")
+    b.axhline(0, c="gray", lw=0.8)
+    b.set(xlabel="epoch", ylabel="train − test (points)", title="generalisation gaps")
+    a.legend(fontsize=7)
+    if b.lines[1:]:
+        b.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_attributions(report: dict, path) -> bool:
+    """One grid: each row an image, then ``|IG|`` of every model on it (same colour scale per map)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    grid = report["_grid"]
+    names = [k for k in grid if k not in ("images", "labels")]
+    n = len(grid["images"])
+    fig, axes = plt.subplots(n, 1 + len(names), figsize=(1.9 * (1 + len(names)), 1.9 * n), squeeze=False)
+    for r in range(n):
+        img = grid["images"][r]
+        axes[r, 0].imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+        axes[r, 0].set_title(f"label {int(grid['labels'][r])}", fontsize=8)
+        for c, name in enumerate(names, start=1):
+            m = grid[name][r].abs().sum(0)
+            axes[r, c].imshow(m.numpy(), cmap="inferno")
+            if r == 0:
+                axes[r, c].set_title(f"{name}: |IG|", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(plt, fig, path)
+
+
+def plot_tightness(report: dict, path) -> bool:
+    """Per-layer sound bound vs empirical lower bound; distribution of ``‖∇m‖ / K``."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    rows = report["layers"] + [{"layer": "body", "type": "", **report["body"]}]
+    labels = [f"{r['layer']} {r['type']}".strip() for r in rows]
+    xs = range(len(rows))
+    a.bar([x - 0.2 for x in xs], [r["bound"] for r in rows], 0.4, label="sound bound")
+    a.bar([x + 0.2 for x in xs], [r["lower"] for r in rows], 0.4, label="empirical lower bound")
+    a.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
+    a.set(yscale="log", ylabel="Lipschitz constant", title="per layer and whole body")
+    a.legend(fontsize=8)
+    sl = report["_slopes"]
+    b.hist(sl["all"].numpy(), bins=40, alpha=0.6, density=True, label="all pairs i ≠ j")
+    b.hist(sl["binding"].numpy(), bins=40, alpha=0.6, density=True, label="binding class i*")
+    b.axvline(1, c="tab:red", ls="--")
+    b.set(xlabel="‖∇(f_j − f_i)(x)‖ / K_ji", ylabel="density", title="margin slope at data vs its certified bound")
+    b.legend(fontsize=8)
+    return _save(plt, fig, path)
