@@ -1,4 +1,5 @@
-"""``gloronet train | certify | models`` — the command-line entry point."""
+"""``gloronet train | certify | attack | degrade | privacy | overfit | tightness | models`` — the
+command-line entry point. The studies live in :mod:`gloronet.evaluate` (imported lazily)."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,74 @@ def _certify(args) -> int:
     return 0
 
 
+STUDIES = ("attack", "degrade", "privacy", "overfit", "tightness")
+
+
+def _evaluate(args) -> int:
+    """One study of :mod:`gloronet.evaluate` on a run: ``<cmd>.json``, ``<cmd>.md`` and PNG(s) in
+    ``--out`` (default: the run directory). Exit status 1 when it found a soundness bug (the
+    counterexamples are saved next to the report)."""
+    from .evaluate import common, plots
+
+    def open_(path):
+        return common.open_run(path, args.device, args.dataset, args.data_dir, args.eps)
+
+    run = open_(args.run_dir)
+    limit, progress, out = common.limit_arg(args.limit), not args.quiet, Path(args.out or run.path)
+    title = f"gloronet {args.command}: {run.net.config['name']} on {run.dataset}"
+    extra, bug = [], ""
+    if args.command in ("attack", "degrade"):
+        from .evaluate.pgd import AttackConfig
+
+        cfg = AttackConfig(args.steps, args.restarts, args.targets, args.seed).validate()
+    if args.command == "attack":
+        from .evaluate import attack
+
+        report = attack.run_attack(run, *run.load("test", limit), cfg, args.batch_size, progress)
+        md, draw = attack.markdown(report, title), lambda p: plots.plot_attack(report, p)
+        if report["broken_certified"]:
+            bug = f"{report['broken_certified']} certified points broken by the attack"
+    elif args.command == "degrade":
+        from .evaluate import degrade
+
+        runs = {"model": run, **({"defended": open_(args.defended)} if args.defended else {})}
+        reports = {k: degrade.run_degrade(r, *r.load("test", limit), cfg, args.batch_size, progress) for k, r in runs.items()}
+        report = {**{k: {kk: v for kk, v in r.items() if not kk.startswith("_")} for k, r in reports.items()},
+                  "runs": {k: str(r.path) for k, r in runs.items()},
+                  "_counterexamples": next((r["_counterexamples"] for r in reports.values() if "_counterexamples" in r), None)}
+        md, draw = degrade.markdown(reports, title), lambda p: plots.plot_degrade(reports, p)
+        if any(r["label_changed"] for r in reports.values()):
+            bug = "a certified point changed its label within ε"
+    elif args.command == "privacy":
+        from .evaluate import privacy
+
+        report = privacy.run_privacy(run, open_(args.twin) if args.twin else None, limit, args.seed, progress)
+        md, draw = privacy.markdown(report, title), lambda p: plots.plot_privacy(report, p)
+    elif args.command == "overfit":
+        from .evaluate import overfit
+
+        report = overfit.run_overfit(run, open_(args.twin) if args.twin else None, limit, args.images, args.ig_steps,
+                                     progress=progress)
+        md, draw = overfit.markdown(report, title), lambda p: plots.plot_overfit(report, p)
+        if plots.plot_attributions(report, out / "overfit-attributions.png"):
+            extra.append(out / "overfit-attributions.png")
+    else:
+        from .evaluate import tightness
+
+        report = tightness.run_tightness(run, run.load("test", limit or 1000)[0], args.iters, args.batch_size, progress)
+        md, draw = tightness.markdown(report, title), lambda p: plots.plot_tightness(report, p)
+        if report["margin"]["slope_violations"]:
+            bug = f"{report['margin']['slope_violations']} margins steeper than their certified Lipschitz constant"
+    paths = list(common.write_outputs(out, args.command, report, md, draw).values()) + extra
+    saved = common.save_counterexamples(report, out, args.command)
+    print(md)
+    print("reports: " + ", ".join(str(p) for p in paths + ([saved] if saved else [])))
+    if bug:
+        print(f"gloronet {args.command}: SOUNDNESS BUG: {bug}; counterexamples: {saved}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _models(_args) -> int:
     from .models import list_models
 
@@ -83,8 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--affinity", help="also certify affinity robustness: a named set "
                    "(cifar100-superclasses, fashion-mnist-groups) or a YAML/JSON file of class lists (default: the run's)")
     c.add_argument("-q", "--quiet", action="store_true")
+    _add_studies(sub)
     sub.add_parser("models", help="list registered architectures")
     return p
+
+
+def _add_studies(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("run_dir", help="a run directory written by `gloronet train`")
+    common.add_argument("--eps", type=float, help="ε (default: the run's)")
+    common.add_argument("--limit", type=int, help="use the first N test images (privacy: N members and N non-members)")
+    common.add_argument("--out", help="where to write the reports (default: the run directory)")
+    common.add_argument("--dataset", help="default: the run's dataset")
+    common.add_argument("--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
+    common.add_argument("--device", default="auto")
+    common.add_argument("--batch-size", type=int, default=256)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    attack = argparse.ArgumentParser(add_help=False)
+    attack.add_argument("--steps", type=int, default=100, help="iterations per attack run")
+    attack.add_argument("--restarts", type=int, default=2, help="PGD runs (the first from the clean point)")
+    attack.add_argument("--targets", type=int, default=3, help="APGD-T target classes")
+    attack.add_argument("--seed", type=int, default=0)
+    sub.add_parser("attack", parents=[common, attack], help="PGD/APGD attacks at ε and at each certified radius "
+                   "(exit 1 if a certificate breaks)")
+    d = sub.add_parser("degrade", parents=[common, attack], help="degradation (DoS) attack on certification")
+    d.add_argument("--defended", help="a second run (e.g. trained with degradation_defense: true) to compare")
+    p = sub.add_parser("privacy", parents=[common], help="membership inference (loss, confidence, certified radius)")
+    p.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare")
+    p.add_argument("--seed", type=int, default=0, help="member / non-member sampling")
+    o = sub.add_parser("overfit", parents=[common], help="robust overfitting curves and attribution maps")
+    o.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare")
+    o.add_argument("--images", type=int, default=8, help="rows of the attribution grid")
+    o.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
+    t = sub.add_parser("tightness", parents=[common], help="empirical Lipschitz lower bounds vs the sound bounds")
+    t.add_argument("--iters", type=int, default=50, help="power iterations")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, unknown)
         if args.command == "certify":
             return _certify(args)
+        if args.command in STUDIES:
+            return _evaluate(args)
         return _models(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as e:
         print(f"gloronet {args.command}: error: {e}", file=sys.stderr)
