@@ -5,42 +5,46 @@ tensors), writes a PNG atomically and returns ``True`` — or ``False`` when mat
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import atomic_write
+from .common import vra
+from .degrade import efficacy_upper_bound
 
 
-def _pyplot():
-    try:
-        import matplotlib
+def _figure(draw):
+    """``draw(plt, report) -> figure`` becomes ``plot(report, path) -> bool`` (PNG, atomic)."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+    @functools.wraps(draw)
+    def plot(report, path: str | Path) -> bool:
+        try:
+            import matplotlib
 
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        fig = draw(plt, report)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        plt.close(fig)
+        return True
 
-def _save(plt, fig, path: str | Path) -> bool:
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return True
+    return plot
 
 
 def _vra_curve(radius: torch.Tensor, correct: torch.Tensor, top: float, n: int = 200):
     grid = torch.linspace(0, top, n, dtype=torch.float64)
-    return grid.numpy(), [100 * float((correct & (radius > e)).double().mean()) for e in grid]
+    return grid.numpy(), [100 * vra(correct, radius, float(e)) for e in grid]
 
 
-def plot_attack(report: dict, path) -> bool:
+@_figure
+def plot_attack(plt, report: dict):
     """VRA over ε with the empirical robust accuracy at ε; how close the attack at each certified
     radius came (margin score < 0: the certificate held)."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     eps = report["epsilon"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot(*_vra_curve(report["_radius"], report["_correct"], 3 * eps), label="VRA (sound certificate)")
@@ -56,15 +60,13 @@ def plot_attack(report: dict, path) -> bool:
     b.set(xlabel="% of the clean margin used up by the attack inside the certified radius", ylabel="points",
           title=f"attack at each certified radius: {report['broken_certified']} broken")
     b.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return fig
 
 
-def plot_degrade(reports: dict[str, dict], path) -> bool:
+@_figure
+def plot_degrade(plt, reports: dict[str, dict]):
     """VRA over ε and the degradation upper bound ``1 − VRA(2ε)/VRA(ε)`` over ε for each model,
     with the measured attack success at the target ε."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     eps = next(iter(reports.values()))["epsilon"]
     for k, (name, r) in enumerate(reports.items()):
@@ -73,7 +75,7 @@ def plot_degrade(reports: dict[str, dict], path) -> bool:
         a.plot(grid, curve, c=color, label=name)
         r_ok = r["_radius"][r["_correct"]]
         g = torch.linspace(eps / 20, 2 * eps, 100, dtype=torch.float64)
-        bound = [100 * (1 - float((r_ok > 2 * e).sum()) / max(int((r_ok > e).sum()), 1)) for e in g]
+        bound = [100 * efficacy_upper_bound(r_ok, float(e)) for e in g]
         b.plot(g.numpy(), bound, c=color, label=f"{name}: upper bound")
         b.scatter([eps], [100 * r["fraction_degraded"]], c=color, marker="x", s=60, zorder=3, label=f"{name}: attack")
     for ax in (a, b):
@@ -83,14 +85,12 @@ def plot_degrade(reports: dict[str, dict], path) -> bool:
     b.set(xlabel="ε (L2)", ylabel="% of certified points", ylim=(0, 100), title="degradation: points an attacker can make rejected")
     a.legend(fontsize=8)
     b.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return fig
 
 
-def plot_privacy(report: dict, path) -> bool:
+@_figure
+def plot_privacy(plt, report: dict):
     """ROC curves of the membership-inference attacks, linear and log-log (low-FPR regime)."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     styles = {"robust": "-", "twin": "--"}
     for m, rocs in report["_roc"].items():
@@ -105,15 +105,13 @@ def plot_privacy(report: dict, path) -> bool:
     axes[0].set(title="membership inference ROC")
     axes[1].set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1), title="log scale (low FPR)")
     axes[0].legend(fontsize=7)
-    return _save(plt, fig, path)
+    return fig
 
 
-def plot_overfit(report: dict, path) -> bool:
+@_figure
+def plot_overfit(plt, report: dict):
     """Train-subset and test accuracy / VRA over epochs and their gaps (or, without per-epoch
     logs, the final model's numbers)."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, c, style in (("robust", report["curves"], "-"), ("twin", report.get("twin_curves"), "--")):
         if not c:
@@ -135,14 +133,12 @@ def plot_overfit(report: dict, path) -> bool:
     a.legend(fontsize=7)
     if b.lines[1:]:
         b.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return fig
 
 
-def plot_attributions(report: dict, path) -> bool:
+@_figure
+def plot_attributions(plt, report: dict):
     """One grid: each row an image, then ``|IG|`` of every model on it (same colour scale per map)."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     grid = report["_grid"]
     names = [k for k in grid if k not in ("images", "labels")]
     n = len(grid["images"])
@@ -158,14 +154,12 @@ def plot_attributions(report: dict, path) -> bool:
                 axes[r, c].set_title(f"{name}: |IG|", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    return _save(plt, fig, path)
+    return fig
 
 
-def plot_tightness(report: dict, path) -> bool:
+@_figure
+def plot_tightness(plt, report: dict):
     """Per-layer sound bound vs empirical lower bound; distribution of ``‖∇m‖ / K``."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     rows = report["layers"] + [{"layer": "body", "type": "", **report["body"]}]
     labels = [f"{r['layer']} {r['type']}".strip() for r in rows]
@@ -181,4 +175,4 @@ def plot_tightness(report: dict, path) -> bool:
     b.axvline(1, c="tab:red", ls="--")
     b.set(xlabel="‖∇(f_j − f_i)(x)‖ / K_ji", ylabel="density", title="margin slope at data vs its certified bound")
     b.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return fig
