@@ -66,6 +66,10 @@ def test_concentration_metrics_on_known_maps():
     assert torch.allclose(attr.top_share(spike), torch.ones(2, dtype=torch.float64))
     assert torch.allclose(attr.gini(uniform), torch.zeros(2, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(attr.gini(spike), torch.full((2,), 0.99, dtype=torch.float64))
+    ramp = torch.arange(100.0).view(1, 1, 10, 10).expand(2, 1, 10, 10)  # smooth: neighbours move together
+    assert (attr.neighbour_correlation(ramp) > 0.9).all()
+    noise = torch.rand(2, 1, 100, 100, generator=torch.Generator().manual_seed(0))
+    assert attr.neighbour_correlation(noise).abs().max() < 0.03
 
 
 def test_train_subset_vra_is_logged_and_old_logs_resume(tmp_path, data_dir):  # noqa: F811

@@ -8,8 +8,10 @@ Integrated gradients (Sundararajan, Taly & Yan, ICML 2017) of the logit ``z_c`` 
 approximated by the midpoint rule on ``steps`` points; completeness ``Σ_k IG_k = z_c(x) − z_c(b)``
 holds up to the quadrature error (exactly for a linear model). Saliency is ``|∇_x z_c(x)|``.
 Robust models are said to have more "perceptually aligned" attributions (Wang, Fredrikson &
-Datta, ICML 2022); a simple summary of that is how concentrated ``|IG|`` is: the share of the
-total mass in the top 10% of input coordinates, and the Gini coefficient of ``|IG|``.
+Datta, ICML 2022). Simple summaries of a map ``|a|``: how concentrated it is (the share of the
+total mass in the top 10% of input coordinates; the Gini coefficient) and how spatially coherent
+(the correlation of ``|a|`` between horizontally and vertically adjacent pixels: near 0 for
+pixel noise, near 1 for smooth regions).
 """
 from __future__ import annotations
 
@@ -56,3 +58,14 @@ def gini(attr: torch.Tensor) -> torch.Tensor:
     n = a.shape[1]
     rank = torch.arange(1, n + 1, dtype=torch.float64, device=a.device)
     return ((2 * rank - n - 1) * a).sum(1) / (n * a.sum(1).clamp_min(1e-300))
+
+
+def neighbour_correlation(attr: torch.Tensor) -> torch.Tensor:
+    """(B,) Pearson correlation of ``|attr|`` (summed over channels) between adjacent pixels,
+    over all horizontal and vertical neighbour pairs of each image (B, C, H, W)."""
+    a = attr.detach().abs().double().sum(1)
+    pairs = [(a[:, :, :-1], a[:, :, 1:]), (a[:, :-1, :], a[:, 1:, :])]
+    u = torch.cat([p.flatten(1) for p, _ in pairs], 1)
+    v = torch.cat([q.flatten(1) for _, q in pairs], 1)
+    u, v = u - u.mean(1, keepdim=True), v - v.mean(1, keepdim=True)
+    return (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-300)

@@ -6,9 +6,10 @@ of its first ``N`` (un-augmented) training images next to the test numbers at ev
 (``log.csv``); this study plots both and their gaps over the epochs, and measures the gap of the
 final model (and of the twin) on ``--limit`` training and test images now.
 
-Attributions: integrated gradients (:mod:`.attributions`) of the true label's logit, for the
-robust model and its non-robust twin on the same test images, as one picture grid, with the
-concentration of ``|IG|`` (top-10% share, Gini) over ``--limit`` images.
+Attributions: integrated gradients and saliency (:mod:`.attributions`) of the true label's
+logit, for the robust model and its non-robust twin on the same test images, as one picture grid,
+with the concentration (top-10% share, Gini) and spatial coherence (neighbour correlation) of
+each map, averaged over up to 200 test images.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from .attributions import gini, integrated_gradients, top_share
+from .attributions import gini, integrated_gradients, neighbour_correlation, saliency, top_share
 from .common import Run, certify_points, pct, steps, vra
 
 LOG_COLUMNS = ("train_subset_acc", "train_subset_vra", "test_acc", "test_vra")
@@ -60,19 +61,27 @@ def generalisation_gap(run: Run, n: int, progress: bool = False) -> dict:
     return out
 
 
-def attribution_summary(run: Run, images, labels, ig_steps: int, batch_size: int, progress: bool) -> tuple[dict, torch.Tensor]:
-    """Mean concentration of ``|IG|`` and mean relative completeness error; returns the maps too."""
-    maps, errs = [], []
-    for i in steps(len(images), batch_size, "integrated gradients", progress):
+def attribution_maps(run: Run, images, labels, ig_steps: int, batch_size: int, progress: bool) -> dict:
+    """Integrated gradients and saliency of the true label's logit on every image, and the
+    relative completeness error of IG (``|Σ IG − (z_c(x) − z_c(0))| / |z_c(x) − z_c(0)|``)."""
+    out = {"ig": [], "saliency": [], "completeness_error": []}
+    for i in steps(len(images), batch_size, "attributions", progress):
         x, c = run.inputs(images[i : i + batch_size]), labels[i : i + batch_size].to(run.device)
         ig = integrated_gradients(run.net, x, c, ig_steps)
         with torch.no_grad():
             delta = run.net(x).gather(1, c[:, None])[:, 0] - run.net(torch.zeros_like(x)).gather(1, c[:, None])[:, 0]
-        errs.append(((ig.flatten(1).sum(1) - delta).abs() / delta.abs().clamp_min(1e-12)).double().cpu())
-        maps.append(ig.cpu())
-    maps_t = torch.cat(maps)
-    return {"top10_share": float(top_share(maps_t).mean()), "gini": float(gini(maps_t).mean()),
-            "completeness_error_median": float(torch.cat(errs).median())}, maps_t
+        out["completeness_error"].append(((ig.flatten(1).sum(1) - delta).abs() / delta.abs().clamp_min(1e-12)).cpu())
+        out["ig"].append(ig.cpu())
+        out["saliency"].append(saliency(run.net, x, c).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def summarise(maps: dict) -> dict:
+    """Mean concentration and coherence of each kind of map; median IG completeness error."""
+    out = {f"{kind}_{name}": float(fn(maps[kind]).mean()) for kind in ("ig", "saliency")
+           for name, fn in (("top10_share", top_share), ("gini", gini), ("neighbour_corr", neighbour_correlation))}
+    out["ig_completeness_error_median"] = float(maps["completeness_error"].double().median())
+    return out
 
 
 def run_overfit(run: Run, twin: Run | None, limit: int | None, n_images: int = 8, ig_steps: int = 32,
@@ -85,16 +94,18 @@ def run_overfit(run: Run, twin: Run | None, limit: int | None, n_images: int = 8
     final, attrib, maps = {}, {}, {}
     for name, r in models.items():
         final[name] = generalisation_gap(r, n, progress)
-        attrib[name], maps[name] = attribution_summary(r, x, y, ig_steps, batch_size, progress)
+        maps[name] = attribution_maps(r, x, y, ig_steps, batch_size, progress)
+        attrib[name] = summarise(maps[name])
     return {
         "epsilon": run.epsilon, "dataset": run.dataset, "n": n, "twin_run": str(twin.path) if twin else None,
         "curves": read_curves(run), "twin_curves": read_curves(twin) if twin is not None else None,
         "final": final,
-        "attributions": {"method": f"integrated gradients, {ig_steps} midpoint steps, black baseline, true-label logit",
-                         "n_images": len(x), **attrib},
+        "attributions": {"method": f"integrated gradients ({ig_steps} midpoint steps, black baseline) and saliency "
+                                   "of the true label's logit", "n_images": len(x), **attrib},
         "seconds": time.perf_counter() - start,
         "_grid": {"images": x[:n_images].float().div(255), "labels": y[:n_images],
-                  **{name: m[:n_images] for name, m in maps.items()}},
+                  "maps": {f"{name} {label}": m[kind][:n_images] for kind, label in (("ig", "IG"), ("saliency", "saliency"))
+                           for name, m in maps.items()}},
     }
 
 
@@ -116,8 +127,13 @@ def markdown(report: dict, title: str) -> str:
         lines.append(f"| {m} | {pct(f['train_acc'])} | {pct(f['test_acc'])} | {100 * f['acc_gap']:.2f} | "
                      f"{pct(f['train_vra'])} | {pct(f['test_vra'])} | {100 * f['vra_gap']:.2f} |")
     a = report["attributions"]
-    lines += ["", f"Attributions ({a['method']}; {a['n_images']} test images):", "",
-              "| model | share of |IG| in top 10% of pixels | Gini of |IG| | median completeness error |", "|---|---:|---:|---:|"]
+    lines += ["", f"Attributions ({a['method']}; means over {a['n_images']} test images): share of the attribution "
+                  "mass in the top 10% of pixels, Gini coefficient, correlation between neighbouring pixels.", "",
+              "| model | map | top-10% share | Gini | neighbour correlation |", "|---|---|---:|---:|---:|"]
     for m in report["final"]:
-        lines.append(f"| {m} | {pct(a[m]['top10_share'])} | {a[m]['gini']:.3f} | {a[m]['completeness_error_median']:.2e} |")
+        for kind, label in (("ig", "integrated gradients"), ("saliency", "saliency")):
+            lines.append(f"| {m} | {label} | {pct(a[m][f'{kind}_top10_share'])} | {a[m][f'{kind}_gini']:.3f} | "
+                         f"{a[m][f'{kind}_neighbour_corr']:.3f} |")
+    lines += ["", "IG completeness error (median, relative): " + ", ".join(
+        f"{m} {a[m]['ig_completeness_error_median']:.1e}" for m in report["final"])]
     return "\n".join(lines) + "\n"

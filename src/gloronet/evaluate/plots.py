@@ -138,22 +138,22 @@ def plot_overfit(plt, report: dict):
 
 @_figure
 def plot_attributions(plt, report: dict):
-    """One grid: each row an image, then ``|IG|`` of every model on it (same colour scale per map)."""
+    """One grid: a column per image; the image, then a row per map (``|attribution|`` summed over
+    channels, each map on its own colour scale)."""
     grid = report["_grid"]
-    names = [k for k in grid if k not in ("images", "labels")]
-    n = len(grid["images"])
-    fig, axes = plt.subplots(n, 1 + len(names), figsize=(1.9 * (1 + len(names)), 1.9 * n), squeeze=False)
-    for r in range(n):
-        img = grid["images"][r]
-        axes[r, 0].imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
-        axes[r, 0].set_title(f"label {int(grid['labels'][r])}", fontsize=8)
-        for c, name in enumerate(names, start=1):
-            m = grid[name][r].abs().sum(0)
-            axes[r, c].imshow(m.numpy(), cmap="inferno")
-            if r == 0:
-                axes[r, c].set_title(f"{name}: |IG|", fontsize=8)
+    n, maps = len(grid["images"]), grid["maps"]
+    fig, axes = plt.subplots(1 + len(maps), n, figsize=(1.6 * n, 1.7 * (1 + len(maps))), squeeze=False)
+    for c in range(n):
+        img = grid["images"][c]
+        axes[0, c].imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+        axes[0, c].set_title(f"label {int(grid['labels'][c])}", fontsize=8)
+        for r, (name, m) in enumerate(maps.items(), start=1):
+            axes[r, c].imshow(m[c].abs().sum(0).numpy(), cmap="inferno")
     for ax in axes.flat:
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, name in enumerate(maps, start=1):
+        axes[r, 0].set_ylabel(name, fontsize=8)
     return fig
 
 
