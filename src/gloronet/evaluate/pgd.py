@@ -112,7 +112,7 @@ class _Best:
         self.x[better] = x_adv.detach()[better]
 
 
-def pgd(forward: Forward, x, j, radius, steps: int, box=None, gen=None, start=None) -> _Best:
+def pgd(forward: Forward, x, j, radius, steps: int, box=None, start=None) -> _Best:
     """PGD ascent on the margin score ``s`` from ``start`` (default: ``x``)."""
     best = _Best(x)
     alpha = _view(2.5 * radius.to(x.dtype) / steps, x)
@@ -218,7 +218,7 @@ def ensemble(model: Forward, x: torch.Tensor, j: torch.Tensor, radius: torch.Ten
     runs: list[tuple[str, Callable]] = []
     for r in range(cfg.restarts):
         runs.append((f"pgd-{r}", lambda f, xs, js, rs, idx, r=r: pgd(
-            f, xs, js, rs, cfg.steps, box, gen, start=None if r == 0 else _random_start(xs, rs, box, gen))))
+            f, xs, js, rs, cfg.steps, box, start=None if r == 0 else _random_start(xs, rs, box, gen))))
     runs.append(("apgd-ce", lambda f, xs, js, rs, idx: apgd(f, xs, js, rs, ce_loss, cfg.steps, box, gen)))
     for t in range(min(cfg.targets, z0.shape[1] - 1)):
         runs.append((f"apgd-t{t + 1}", lambda f, xs, js, rs, idx, t=t: apgd(
