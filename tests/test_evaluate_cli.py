@@ -69,6 +69,7 @@ def test_bad_input_is_a_clear_error(runs, tmp_path, capsys, data_dir):  # noqa: 
     train(build_config(None, small(data_dir, epochs=1, train_limit=256)), other, progress=False)
     for args, words in [(["attack", str(tmp_path / "nope"), "-q"], "not found"),
                         (["tightness", robust, "--limit", "0", "-q"], "--limit"),
+                        (["overfit", robust, "--images", "0", "-q"], "--images"),
                         (["degrade", robust, "--eps", "-1", "-q"], "epsilon"),
                         (["attack", robust, "--steps", "0", "-q"], "steps"),
                         (["privacy", robust, "--twin", str(other), "-q"], "train_limit")]:

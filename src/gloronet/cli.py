@@ -63,8 +63,12 @@ def _evaluate(args) -> int:
     def open_(path):
         return common.open_run(path, args.device, args.dataset, args.data_dir, args.eps)
 
+    for name in ("limit", "batch_size", "images", "ig_steps", "iters"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     run = open_(args.run_dir)
-    limit, progress, out = common.limit_arg(args.limit), not args.quiet, Path(args.out or run.path)
+    limit, progress, out = args.limit, not args.quiet, Path(args.out or run.path)
     title = f"gloronet {args.command}: {run.net.config['name']} on {run.dataset}"
     extra, bug = [], ""
     if args.command in ("attack", "degrade"):

@@ -106,12 +106,6 @@ def vra(correct: torch.Tensor, radius: torch.Tensor, epsilon: float) -> float:
     return float((correct & (radius > epsilon)).double().mean()) if len(correct) else 0.0
 
 
-def limit_arg(limit: int | None) -> int | None:
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    return limit
-
-
 def write_outputs(out_dir: str | Path, name: str, report: dict, markdown: str,
                   plot: Callable[[Path], bool] | None = None) -> dict[str, Path]:
     """``<name>.json`` (keys starting with ``_`` left out), ``<name>.md`` and, when ``plot``
