@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--top-k", type=int, nargs="*", default=[2, 3], help="RTK sizes to certify every model with")
     p.add_argument("--affinity", help="affinity set to certify every model with")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: other jobs on the machine do not thrash it)")
     p.add_argument("--out", help="keep run directories here (default: a temporary folder)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,7 +50,7 @@ def main() -> None:
             for seed in args.seeds:
                 cfg = build_config(path, [f"epochs={args.epochs}", f"seed={seed}", f"eval_every={args.epochs}"])
                 run = root / f"{Path(path).stem}-e{args.epochs}-s{seed}"
-                train(cfg, run, progress=False)
+                train(cfg, run, resume=True, progress=False)  # finished runs are kept; interrupted ones continue
                 net = load_model(run).eval()
                 x, y = data.load_dataset(cfg.dataset, "test", cfg.data_dir)
                 row = table.setdefault(Path(path).stem, {})
