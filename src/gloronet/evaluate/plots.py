@@ -57,7 +57,7 @@ def plot_attack(plt, report: dict):
     if len(used):
         b.hist(100 * used.clamp(0, 1.2).numpy(), bins=40, color="tab:green")
     b.axvline(100, c="tab:red", ls="--", label="broken certificate (≥ 100%)")
-    b.set(xlabel="% of the clean margin used up by the attack inside the certified radius", ylabel="points",
+    b.set(xlabel="% of the clean margin used up inside the certified radius", ylabel="points",
           title=f"attack at each certified radius: {report['broken_certified']} broken")
     b.legend(fontsize=8)
     return fig
