@@ -165,7 +165,8 @@ def _add_studies(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("run_dir", help="a run directory written by `gloronet train`")
     common.add_argument("--eps", type=float, help="ε (default: the run's)")
-    common.add_argument("--limit", type=int, help="use the first N test images (privacy: N members and N non-members)")
+    common.add_argument("--limit", type=int, help="use the first N test images (default: all for attack/degrade, 1000 "
+                        "for overfit/tightness; privacy: N members and N non-members, default 1000)")
     common.add_argument("--out", help="where to write the reports (default: the run directory)")
     common.add_argument("--dataset", help="default: the run's dataset")
     common.add_argument("--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
@@ -186,7 +187,7 @@ def _add_studies(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="member / non-member sampling")
     o = sub.add_parser("overfit", parents=[common], help="robust overfitting curves and attribution maps")
     o.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare")
-    o.add_argument("--images", type=int, default=8, help="rows of the attribution grid")
+    o.add_argument("--images", type=int, default=8, help="images in the attribution grid")
     o.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
     t = sub.add_parser("tightness", parents=[common], help="empirical Lipschitz lower bounds vs the sound bounds")
     t.add_argument("--iters", type=int, default=50, help="power iterations")
