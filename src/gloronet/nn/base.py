@@ -179,7 +179,11 @@ class EvalCache:
 
     def get(self, sources: list[torch.Tensor], compute, key=()) -> torch.Tensor:
         """The cached ``compute()`` while ``sources`` (tensors) and ``key`` (plain values such as
-        ``depth`` or ``eps``) equal those it was computed from; recomputed otherwise."""
+        ``depth`` or ``eps``) equal those it was computed from; recomputed otherwise. While
+        ``torch.compile`` / ``torch.export`` trace, the graph computes it (no data-dependent check)."""
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return compute()
         if self._sources is not None and self._key == key and len(self._sources) == len(sources) and all(
             s.shape == t.shape and s.dtype == t.dtype and s.device == t.device and torch.equal(s, t.detach())
             for s, t in zip(self._sources, sources)

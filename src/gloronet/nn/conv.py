@@ -2,7 +2,10 @@
 
 The operator norm of a convolution depends on the input size, so the layer records the spatial
 size it is applied to (given as ``input_size`` or taken from the first forward pass) and refuses
-other sizes: the bound always describes the map actually computed.
+other sizes: the bound always describes the map actually computed. The size is kept as a plain
+tuple (``input_hw``; the ``input_size`` buffer mirrors it for checkpoints), so the check compares
+Python ints with the input's shape — a shape guard under ``torch.compile`` / ``torch.export``,
+not a data-dependent read of a tensor.
 
 Padding ``'same'`` follows TensorFlow (the odd pixel at the end), as in the original GloRo code.
 
@@ -60,14 +63,14 @@ class LipConv2d(LipschitzModule):
         nn.init.orthogonal_(self.weight)
         self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
         self.register_buffer("power_v", torch.empty(0))
+        self._hw: tuple[int, int] | None = None
         if input_size is not None:
             self._set_input_size(tuple(int(s) for s in input_size))
 
     # -- geometry ---------------------------------------------------------------------------
     @property
     def input_hw(self) -> tuple[int, int] | None:
-        h, w = self.input_size.tolist()
-        return (h, w) if h > 0 else None
+        return self._hw
 
     def pads(self, hw: Sequence[int]) -> tuple[int, int, int, int]:
         """(left, right, top, bottom) zero padding for inputs of size ``hw``."""
@@ -88,6 +91,7 @@ class LipConv2d(LipschitzModule):
         if min(self.output_hw(hw)) < 1:
             raise ValueError(f"input size {hw} is too small for kernel {self.kernel_size} with padding {self.padding!r}")
         self.input_size.copy_(torch.tensor(hw))
+        self._hw = (int(hw[0]), int(hw[1]))
         v = torch.randn(1, self.in_channels, *hw, device=self.weight.device)
         self.power_v = v / v.norm()
 
@@ -96,6 +100,8 @@ class LipConv2d(LipschitzModule):
         if key in state_dict and state_dict[key].shape != self.power_v.shape:
             self.power_v = torch.empty_like(state_dict[key], device=self.power_v.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        h, w = (int(s) for s in self.input_size.tolist())
+        self._hw = (h, w) if h > 0 else None
 
     # -- forward, estimate, bound --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +125,17 @@ class LipConv2d(LipschitzModule):
             raise RuntimeError("LipConv2d does not know its input size yet: pass input_size=(H, W) or run a forward pass first")
         return self.input_hw
 
+    def _checked_input_size(self) -> tuple[int, int]:
+        """The input size, refused if the ``input_size`` buffer was edited behind the layer's back
+        (the forward pass checks inputs against ``input_hw``, so that is what the bounds describe)."""
+        hw = self._require_input_size()
+        if tuple(self.input_size.tolist()) != hw:
+            raise ValueError(
+                f"LipConv2d.input_size holds {tuple(self.input_size.tolist())} but the layer is set up for {hw}: "
+                "the buffer only mirrors the size for checkpoints; build a new layer (or load a state_dict) instead"
+            )
+        return hw
+
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
         """Differentiable estimate (from below) of the operator norm at the recorded input size."""
         hw = self._require_input_size()
@@ -126,11 +143,14 @@ class LipConv2d(LipschitzModule):
         return power_iteration_conv2d(self.weight, self.power_v, self.stride, self.pads(hw), self.groups, n)
 
     def lipschitz_bound(self) -> float:
-        hw = self._require_input_size()
-        return conv2d_norm_bound(self.weight, hw, self.stride, self.pads(hw), self.groups)
+        """Provable bound at the recorded input size (:func:`gloronet.bounds.conv2d_norm_bound`,
+        computed on the weight's device); the power-iteration iterate seeds its estimates."""
+        hw = self._checked_input_size()
+        start = self.power_v if self.power_v.shape == (1, self.in_channels, *hw) else None
+        return conv2d_norm_bound(self.weight, hw, self.stride, self.pads(hw), self.groups, start=start)
 
     def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
-        ho, wo = self.output_hw(self._require_input_size())
+        ho, wo = self.output_hw(self._checked_input_size())
         abs_norm = abs_conv2d_norm_bound(self.weight, self.stride, self.groups)
         n, c_in = self.weight[0].numel(), self.weight.shape[1]
         bias = self.bias is not None

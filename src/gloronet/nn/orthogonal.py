@@ -158,10 +158,12 @@ class _CholeskyLayer(LipschitzModule):
         return self._applied_weight().clone()
 
     def _matrix_bounds(self) -> list[float]:
-        """``dense_norm_bound`` of each produced matrix, computed once per produced weight."""
+        """``dense_norm_bound`` of each produced matrix (on its device, the power-iteration iterate
+        ``power_u`` seeding the estimate), computed once per produced weight."""
         w = self._applied_weight()
         mats = w.unbind(0) if w.dim() == 3 else [w]
-        return self._eval.remember("bounds", lambda: [dense_norm_bound(m) for m in mats])
+        starts = self.power_u.reshape(len(mats), -1)
+        return self._eval.remember("bounds", lambda: [dense_norm_bound(m, u) for m, u in zip(mats, starts)])
 
     def weight_matrix(self) -> torch.Tensor:
         """The weight the forward pass uses in the current mode."""

@@ -25,8 +25,9 @@ In eval mode ``R`` is computed once (:class:`~gloronet.nn.base.EvalCache`) and t
 the bound and the error model read that same tensor.
 
 Estimate: power iteration on the whole kernel ``K`` (identity included). Bound:
-:func:`gloronet.bounds.conv2d_norm_bound` of ``I_centre + R`` formed in float64, plus the
-``2⁻⁵³(1 + |R_centre|)`` that forming it may round off — the map the forward pass computes.
+:func:`gloronet.bounds.conv2d_norm_bound` of ``I_centre + R`` formed in float64 on the block's
+device, plus the ``2⁻⁵³(1 + |R_centre|)`` that forming it may round off — the map the forward
+pass computes.
 
 :class:`LiResStack` runs the power iterations of all its blocks as ONE grouped convolution per
 step (iterates concatenated along channels, ``groups = depth``), as ``LiResConv.lipschitz`` does.
@@ -43,6 +44,7 @@ from torch import nn
 from .. import fp
 from ..bounds import (
     abs_conv2d_norm_bound,
+    as_float64,
     conv2d_adjoint,
     conv2d_apply,
     conv2d_norm_bound,
@@ -212,10 +214,10 @@ class LiResBlock(LipschitzModule):
         r = self.applied_residual_kernel()
 
         def compute():
-            r64 = r.to(torch.float64).cpu()
+            r64 = as_float64(r)
             c = self.kernel_size // 2
             centre = r64[:, :, c, c].diagonal().abs().max()
-            exact_part = conv2d_norm_bound(r64 + self._identity(r64), self.input_hw, 1, self.pads)
+            exact_part = conv2d_norm_bound(r64 + self._identity(r64), self.input_hw, 1, self.pads, start=self.power_v)
             return round_up(exact_part + 2.0**-52 * (1.0 + float(centre)))
 
         return self._eval_kernel.remember("bound", compute)
