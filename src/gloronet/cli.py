@@ -74,8 +74,12 @@ def _evaluate(args) -> int:
     def open_(path):
         return common.open_run(path, args.device, args.dataset, args.data_dir, args.eps)
 
+    from .runs import check_writable, clean_temps
+
     run = open_(args.run_dir)
     limit, progress, out = args.limit, not args.quiet, Path(args.out or run.path)
+    check_writable(out)  # before any work
+    clean_temps(out)
     title = f"gloronet {args.command}: {run.net.config['name']} on {run.dataset}"
     extra, bug = [], ""
     if args.command in ("attack", "degrade"):
