@@ -33,7 +33,9 @@ def test_key_space_value_and_bare_flags():
     ("--augment=foo", "augment must be a mapping"),
     ("--augment={crop: 2}", "augment has unknown key"),
     ("--eval_every=0", "eval_every must be an integer >= 1"),
-    ("--lr=fast", "lr must be a number or a schedule"),
+    ("--lr=fast", "lr must be a positive number or a schedule"),
+    ("--lr=0", "lr must be a positive number or a schedule"),
+    ("--lr=nan", "lr must be a positive number or a schedule"),
 ])
 def test_type_errors_read_well(override, words, tmp_path, capsys):
     with pytest.raises(ValueError, match=words.replace("{", r"\{").replace("(", r"\(")):

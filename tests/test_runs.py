@@ -165,10 +165,13 @@ def test_damaged_files_are_one_line_errors(tmp_path, run, capsys):
 
 def test_stale_temps_cleaned_and_files_follow_the_umask(tmp_path, run, data_dir, capsys):  # noqa: F811
     r = _copy(run, tmp_path / "r")
-    stale = r / ".model.json.0badc0de.tmp"
-    stale.write_text("half")
+    stale, report, mine = r / ".model.json.0badc0de.tmp", r / ".certify.json.k3_x9abc.tmp", r / ".notes.tmp"
+    for p in (stale, report, mine):
+        p.write_text("half")
+    assert cli.main(["certify", str(r), "--limit", "8", "-q"]) == 0
+    assert not report.exists() and stale.exists()  # certify cleans only its own files' temporaries
     assert cli.main(["train", "--out", str(r), "--resume", "--epochs=2", "-q"]) == 0
-    assert not stale.exists()
+    assert not stale.exists() and mine.exists()  # train owns the run directory; not our names: kept
     old = os.umask(0o022)
     try:
         out = tmp_path / "fresh"
@@ -224,3 +227,14 @@ def test_quiet_keeps_epoch_lines_and_tensorboard(tmp_path, data_dir, capsys):  #
     assert "epoch=1 " in captured.out and "epoch 1/1" not in captured.err + captured.out
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert yaml.safe_load((out / "config.yaml").read_text())["tensorboard"] is True
+
+
+def test_divergence_stops_before_saving(tmp_path, data_dir, capsys, monkeypatch):  # noqa: F811
+    import gloronet.train as train_mod
+
+    real = train_mod.make_loss
+    monkeypatch.setattr(train_mod, "make_loss", lambda spec: lambda **kw: real(spec)(**kw) * float("nan"))
+    out = tmp_path / "run"
+    assert cli.main(_train_args(out, data_dir)) == 2
+    _one_line_error(capsys, "training diverged in epoch 1", "lower lr")
+    assert not (out / "model.safetensors").exists() and not (out / "state.pt").exists()

@@ -37,7 +37,7 @@ def _certify(args) -> int:
     out = Path(args.out or args.run_dir)
     run = open_run(args.run_dir, args.device, args.dataset, args.data_dir, args.eps[0] if args.eps else None)
     check_writable(out)  # before any work: a read-only run directory fails now, not after certifying
-    clean_temps(out)
+    clean_temps(out, REPORTS["certify"])
     net, cfg = run.net, run.config
     images, labels = run.load(args.split, args.limit)
     extra = list(args.eps or []) + list(cfg.get("certify_epsilons") or [])
@@ -63,6 +63,8 @@ def _export(args) -> int:
 
 
 STUDIES = ("attack", "degrade", "privacy", "overfit", "tightness")
+REPORTS = {cmd: [f"{cmd}{ext}" for ext in (".json", ".md", ".png", "-counterexamples.safetensors", "-attributions.png")]
+           for cmd in ("certify", *STUDIES)}  # the files each command writes (its stale temporaries are removed)
 
 
 def _evaluate(args) -> int:
@@ -70,16 +72,15 @@ def _evaluate(args) -> int:
     ``--out`` (default: the run directory). Exit status 1 when it found a soundness bug (the
     counterexamples are saved next to the report)."""
     from .evaluate import common, plots
+    from .runs import check_writable, clean_temps
 
     def open_(path):
         return common.open_run(path, args.device, args.dataset, args.data_dir, args.eps)
 
-    from .runs import check_writable, clean_temps
-
     run = open_(args.run_dir)
     limit, progress, out = args.limit, not args.quiet, Path(args.out or run.path)
     check_writable(out)  # before any work
-    clean_temps(out)
+    clean_temps(out, REPORTS[args.command])
     title = f"gloronet {args.command}: {run.net.config['name']} on {run.dataset}"
     extra, bug = [], ""
     if args.command in ("attack", "degrade"):

@@ -85,8 +85,9 @@ class TrainConfig:
         unknown = set(self.augment) - AUGMENT_KEYS
         if unknown:
             raise ValueError(f"augment has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(AUGMENT_KEYS))}")
-        if not isinstance(self.lr, (int, float, dict)) or isinstance(self.lr, bool):
-            raise ValueError(f"lr must be a number or a schedule mapping, got {self.lr!r}")
+        if not isinstance(self.lr, (int, float, dict)) or isinstance(self.lr, bool) or (
+                not isinstance(self.lr, dict) and not (math.isfinite(self.lr) and self.lr > 0)):
+            raise ValueError(f"lr must be a positive number or a schedule mapping, got {self.lr!r}")
         return self
 
 

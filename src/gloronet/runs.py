@@ -14,10 +14,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import yaml
@@ -37,6 +38,9 @@ RUN_SETTINGS = frozenset({"device", "data_dir", "eval_every", "checkpoint_every"
 
 class RunError(ValueError):
     """A problem with a run directory or one of its files (one line: the file and the cause)."""
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")  # ours, and tempfile.mkstemp's of older versions
 
 
 # -- atomic files --------------------------------------------------------------------------------
@@ -92,12 +96,20 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def clean_temps(folder: str | Path) -> list[Path]:
-    """Remove the temporaries (``.<name>.<hex>.tmp``) an interrupted writer left in ``folder``."""
+def clean_temps(folder: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporaries (``.<name>.<8 characters>.tmp``) an interrupted writer left in
+    ``folder``: of the files ``names`` only (a command cleaning up after itself while another may
+    be writing there), or all (``train``, which owns its run directory)."""
     folder = Path(folder)
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
+    if not folder.is_dir():
+        return []
+    wanted = set(names) if names is not None else None
+    stale = []
+    for p in folder.glob(".*.tmp"):
+        m = _TEMP.fullmatch(p.name)
+        if m and p.is_file() and (wanted is None or m["name"] in wanted):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import time
 from pathlib import Path
@@ -165,6 +166,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         if world > 1:
             dist.all_reduce(sums)
         s = (sums / sums[3]).tolist()
+        if not math.isfinite(s[0]):  # every rank sees the same reduced loss
+            raise RunError(f"training diverged in epoch {epoch + 1} of {out} (loss {s[0]}): nothing of this epoch was "
+                           "saved; lower lr or set grad_clip")
         row = {"epoch": epoch + 1, "lr": lr, "train_epsilon": eps, "loss": s[0], "train_acc": s[1],
                "train_vra_est": s[2], "test_acc": "", "test_vra": "", "train_subset_acc": "", "train_subset_vra": "",
                "lipschitz_bound": "",
@@ -180,7 +184,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         rows.append(row)
         if rank == 0:
             line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v != "")
-            (tqdm.write if progress else print)(line)
+            if progress:
+                tqdm.write(line)
+            else:
+                print(line, flush=True)
             _write_log(out, rows)
             if tb is not None:
                 for k, v in row.items():
