@@ -142,7 +142,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -209,7 +209,7 @@ def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
         net.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError) as e:
         raise RunError(f"{weights_path} does not fit the model in model.json: {_cause(e)}") from None
-    rng = meta.get("input_range")
+    rng = meta.get("input_range", data.INPUT_RANGE if "dataset" in meta else None)  # older runs of `train`
     net.input_range = tuple(float(v) for v in rng) if rng is not None else None
     check_finite(net, str(weights_path))
     return net.to(map_location).eval()
