@@ -111,6 +111,11 @@ def test_refuses_to_resume_a_non_run_and_to_overwrite_a_run(tmp_path, run, capsy
     assert cli.main(["train", "--out", str(bare), "--resume", "-q"]) == 2
     _one_line_error(capsys, "no state.pt")
     assert (bare / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+    early = tmp_path / "early"  # killed in its first epoch: only config.yaml
+    early.mkdir()
+    (early / "config.yaml").write_bytes((run / "config.yaml").read_bytes())
+    assert cli.main(["train", "--out", str(early), "--resume", "-q"]) == 0
+    assert "no checkpoint yet: starting from epoch 0" in capsys.readouterr().out and (early / "state.pt").is_file()
 
 
 # -- item 3: faults ------------------------------------------------------------------------------

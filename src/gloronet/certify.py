@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .runs import atomic_write, check_finite, write_json, write_text
 from .gloro import GloroNet
 from .relaxed import certified_k, make_relaxation
+from .runs import atomic_write, check_finite, write_json, write_text
 
 
 @torch.no_grad()
@@ -49,8 +49,9 @@ def certify_dataset(
         raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     check_finite(net)
-    if images.is_floating_point() and net.out_of_range(images):
-        raise ValueError(f"certify_dataset: {net.out_of_range(images)}")
+    problem = net.out_of_range(images) if images.is_floating_point() else None
+    if problem:
+        raise ValueError(f"certify_dataset: {problem}")
     start = time.perf_counter()
     K = net.lipschitz_constant()
     bound_seconds = time.perf_counter() - start

@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -119,8 +121,17 @@ def export_model(net: GloroNet, path: str | Path, fmt: str = "onnx", training: d
                 __import__(module)
             except ImportError:
                 raise RunError(f"ONNX export needs the {module} package: pip install 'gloronet[export]'") from None
-        program = torch.onnx.export(frozen, (example,), input_names=["x"], output_names=list(OUTPUTS),
-                                    opset_version=OPSET, dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+        quiet = logging.getLogger("torch.onnx")  # the exporter's notes about torchvision ops we never use
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():  # deprecations inside torch's own exporter
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.onnx.export(frozen, (example,), input_names=["x"], output_names=list(OUTPUTS),
+                                            opset_version=OPSET, dynamic_shapes=({0: batch},), dynamo=True,
+                                            verbose=False)
+        finally:
+            quiet.setLevel(level)
         data = program.model_proto.SerializeToString()
     write_bytes(path, data)
     card = path.with_name(path.name + ".card.json")

@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         device = torch.device("cuda", local_rank)
     state = None
     if resume:
-        state, cfg = _resume(out, cfg, device)
+        state, cfg = _resume(out, cfg, device, rank == 0)
     elif rank == 0:
         check_new_run(out)
     if rank == 0:
@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     return rows[-1] if rows else {}
 
 
-def _resume(out: Path, cfg: TrainConfig, device) -> tuple[dict | None, TrainConfig]:
+def _resume(out: Path, cfg: TrainConfig, device, chatty: bool) -> tuple[dict | None, TrainConfig]:
     """``(state or None, cfg)`` to continue the run in ``out``: refuses what is not a run, a run
     whose weights have no ``state.pt`` beside them, and another experiment (:func:`resume_config`)."""
     if not (out / "config.yaml").is_file():
@@ -212,7 +212,8 @@ def _resume(out: Path, cfg: TrainConfig, device) -> tuple[dict | None, TrainConf
     if not (out / "state.pt").exists():
         if (out / "model.safetensors").exists():
             raise RunError(f"cannot resume {out}: it holds model.safetensors but no state.pt to continue from")
-        print(f"{out} has no checkpoint yet: starting from epoch 0", flush=True)
+        if chatty:
+            print(f"{out} has no checkpoint yet: starting from epoch 0", flush=True)
         return None, resume_config(out, cfg, 0)
     state = load_state(out, map_location=device)
     return state, resume_config(out, cfg, state["epoch"])
