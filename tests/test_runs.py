@@ -243,3 +243,11 @@ def test_divergence_stops_before_saving(tmp_path, data_dir, capsys, monkeypatch)
     assert cli.main(_train_args(out, data_dir)) == 2
     _one_line_error(capsys, "training diverged in epoch 1", "lower lr")
     assert not (out / "model.safetensors").exists() and not (out / "state.pt").exists()
+
+
+def test_a_run_that_fails_to_start_leaves_no_run_behind(tmp_path, data_dir, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert cli.main(_train_args(out, data_dir, "--model_args={head: bogus}")) == 2
+    _one_line_error(capsys, "head must be")
+    assert not runs.run_files(out)
+    assert cli.main(_train_args(out, data_dir)) == 0  # the corrected command needs no --resume

@@ -78,13 +78,16 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ValueError(f"epsilon must be a positive number, got {self.epsilon!r}")
-        if self.weight_decay < 0:
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
         unknown = set(self.augment) - AUGMENT_KEYS
         if unknown:
             raise ValueError(f"augment has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(AUGMENT_KEYS))}")
+        pad, flip = self.augment.get("crop_padding", 0), self.augment.get("flip", False)
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0 or not isinstance(flip, bool):
+            raise ValueError(f"augment needs crop_padding: an integer >= 0 and flip: true or false, got {self.augment}")
         if not isinstance(self.lr, (int, float, dict)) or isinstance(self.lr, bool) or (
                 not isinstance(self.lr, dict) and not (math.isfinite(self.lr) and self.lr > 0)):
             raise ValueError(f"lr must be a positive number or a schedule mapping, got {self.lr!r}")
@@ -135,7 +138,7 @@ def numbers(value: Any) -> Any:
 
 
 def _typed(values: dict) -> dict:
-    """Numbers in number-valued keys; every other key keeps its YAML value (``str`` keys untouched)."""
+    """:func:`numbers` applied to every key but the string-valued ones (``dataset``, ``device``, ...)."""
     return {k: v if _TYPES.get(k, "").startswith("str") else numbers(v) for k, v in values.items()}
 
 

@@ -106,10 +106,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         state, cfg = _resume(out, cfg, device, rank == 0)
     elif rank == 0:
         check_new_run(out)
-    if rank == 0:
-        clean_temps(out)
-        write_config(out, cfg)
-    tb = _tensorboard(out) if cfg.tensorboard and rank == 0 else None
+    tb = _TensorBoard(out) if cfg.tensorboard and rank == 0 else None
 
     torch.manual_seed(cfg.seed)
     info = data.dataset_info(cfg.dataset)
@@ -130,6 +127,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     lam_at = make_schedule(cfg.trades_lam, horizon) if cfg.trades_lam is not None else None
     loss_fn = make_loss(cfg.loss)
 
+    if rank == 0:  # set up without error: from here on the directory holds this run
+        clean_temps(out)
+        write_config(out, cfg)
     start_epoch, rows = 0, []
     if state is not None:
         net.load_state_dict(state["model"])
@@ -190,10 +190,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 print(line, flush=True)
             _write_log(out, rows)
             if tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        tb.add_scalar(k, v, epoch + 1)
-                tb.flush()
+                tb.add_row(row)
             if last or (epoch + 1) % cfg.checkpoint_every == 0:
                 save_model(out, net, {"dataset": info.name, "epoch": epoch + 1})
                 save_state(out, {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": rows})
@@ -219,10 +216,24 @@ def _resume(out: Path, cfg: TrainConfig, device, chatty: bool) -> tuple[dict | N
     return state, resume_config(out, cfg, state["epoch"])
 
 
-def _tensorboard(out: Path):
-    """A TensorBoard writer into ``<run>/tensorboard`` (``tensorboard: true``; extra ``tensorboard``)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RunError("tensorboard: true needs the tensorboard package: pip install 'gloronet[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+class _TensorBoard:
+    """Epoch rows as TensorBoard scalars in ``<run>/tensorboard`` (``tensorboard: true``; extra
+    ``tensorboard``); the writer opens with the first row, so a run that fails to start leaves none."""
+
+    def __init__(self, out: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RunError("tensorboard: true needs the tensorboard package: pip install 'gloronet[tensorboard]'") from None
+        self.make, self.path, self.writer = SummaryWriter, out / "tensorboard", None
+
+    def add_row(self, row: dict) -> None:
+        self.writer = self.writer or self.make(log_dir=str(self.path))
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.writer.add_scalar(k, v, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
