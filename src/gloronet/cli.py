@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"gloronet {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train prints its own hint; the others wrote nothing half-way
+        print(f"\ngloronet {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
