@@ -7,7 +7,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 from gloronet import cli
 from gloronet.config import build_config
