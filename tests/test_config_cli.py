@@ -34,6 +34,7 @@ def test_key_space_value_and_bare_flags():
     ("--augment={crop: 2}", "augment has unknown key"),
     ("--augment={crop_padding: -1}", "augment needs crop_padding"),
     ("--eval_every=0", "eval_every must be an integer >= 1"),
+    ("--certify_epsilons=[0.1, -1]", "certify_epsilons must be a list of numbers > 0"),
     ("--lr=fast", "lr must be a positive number or a schedule"),
     ("--lr=0", "lr must be a positive number or a schedule"),
     ("--lr=nan", "lr must be a positive number or a schedule"),

@@ -85,6 +85,9 @@ class TrainConfig:
         unknown = set(self.augment) - AUGMENT_KEYS
         if unknown:
             raise ValueError(f"augment has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(AUGMENT_KEYS))}")
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e > 0
+                   for e in self.certify_epsilons):
+            raise ValueError(f"certify_epsilons must be a list of numbers > 0, got {self.certify_epsilons!r}")
         pad, flip = self.augment.get("crop_padding", 0), self.augment.get("flip", False)
         if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0 or not isinstance(flip, bool):
             raise ValueError(f"augment needs crop_padding: an integer >= 0 and flip: true or false, got {self.augment}")
