@@ -304,7 +304,6 @@ def config_for_command(out: str | Path, path: str | Path | None, overrides: list
     return build_config(None, {**saved, **parse_overrides(overrides)})
 
 
-
 # -- a run opened for evaluation -----------------------------------------------------------------
 @dataclass
 class Run:
