@@ -17,7 +17,7 @@ from torch import nn
 
 import gloronet
 from gloronet.certify import certify_dataset
-from gloronet.liresnet import InputShift
+from gloronet.models.liresnet import InputShift
 from gloronet.nn import Flatten, LiResBlock, LiResStack, LipConv2d, LipLinear, MinMax, Normalize, Sequential
 
 pytestmark = pytest.mark.usefixtures("single_thread")

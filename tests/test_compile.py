@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gloronet.liresnet as liresnet  # registers the architectures
+import gloronet.models.liresnet as liresnet
 from gloronet.nn import LipConv2d
 
 pytestmark = pytest.mark.usefixtures("single_thread")

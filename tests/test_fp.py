@@ -18,7 +18,7 @@ from torch import nn
 import gloronet
 from conftest import exact_norm, impulse_matrix
 from gloronet import bounds, fp
-from gloronet.liresnet import InputShift
+from gloronet.models.liresnet import InputShift
 from gloronet.nn import (
     CholeskyOrthConv2d,
     CholeskyOrthLinear,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gloronet.liresnet as liresnet  # registers the architectures
+import gloronet.models.liresnet as liresnet
 from gloronet import bounds, models
 from gloronet.losses import emma_loss
 from gloronet.nn import orthogonal

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gloronet import data, liresnet, models
+from gloronet import data, models
+from gloronet.models import liresnet
 from gloronet.config import build_config
 from gloronet.losses import make_loss
 from gloronet.optim import make_optimizer

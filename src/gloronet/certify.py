@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, write_json
 from .gloro import GloroNet
 from .relaxed import certified_k, make_relaxation
+from .runs import atomic_write, check_finite, write_json, write_text
 
 
 @torch.no_grad()
@@ -34,7 +34,11 @@ def certify_dataset(
     top_k: int | None = None,
     affinity=None,
 ) -> dict:
-    """Certify ``images`` (N, C, H, W) in [0, 1] with labels (N,); returns a report dict.
+    """Certify ``images`` (N, C, H, W) with labels (N,); returns a report dict.
+
+    ``images`` are uint8 pixels (divided by 255 here) or floats in the model's
+    :attr:`~gloronet.GloroNet.input_range` (``[0, 1]`` for models trained by gloronet): floats
+    outside it, e.g. 0..255, and models with NaN / Inf weights are refused (``ValueError``).
 
     ``arithmetic``: ``"float"`` (sound for the floating-point forward pass) or ``"exact"`` (the
     GloRo paper's real-arithmetic test), as :meth:`gloronet.GloroNet.certify`. With ``top_k`` /
@@ -44,6 +48,10 @@ def certify_dataset(
     if images.dim() != 4 or labels.shape != (len(images),):
         raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
+    check_finite(net)
+    problem = net.out_of_range(images) if images.is_floating_point() else None
+    if problem:
+        raise ValueError(f"certify_dataset: {problem}")
     start = time.perf_counter()
     K = net.lipschitz_constant()
     bound_seconds = time.perf_counter() - start
@@ -173,7 +181,7 @@ def write_reports(report: dict, out_dir: str | Path, title: str = "") -> dict:
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     write_json(out_dir / "certify.json", public)
     md = markdown_table(report, title)
-    atomic_write(out_dir / "certify.md", lambda tmp: Path(tmp).write_text(md))
+    write_text(out_dir / "certify.md", md)
     paths = {"json": out_dir / "certify.json", "markdown": out_dir / "certify.md"}
     if plot_report(report, out_dir / "certify.png"):
         paths["plot"] = out_dir / "certify.png"

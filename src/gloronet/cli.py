@@ -1,57 +1,70 @@
-"""``gloronet train | certify | attack | degrade | privacy | overfit | tightness | models`` — the
-command-line entry point. The studies live in :mod:`gloronet.evaluate` (imported lazily)."""
+"""``gloronet train | certify | export | attack | degrade | privacy | overfit | tightness | models``
+— the command-line entry point. The studies live in :mod:`gloronet.evaluate` (imported lazily).
+
+Every fault ends in one line ``gloronet <command>: error: <file or argument>: <cause>`` on stderr
+and exit status 2 (a soundness bug found by a study: 1; Ctrl-C: 130).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import yaml
+from . import __version__
 
 
 def _train(args, overrides: list[str]) -> int:
-    from .config import build_config
+    from .runs import config_for_command
     from .train import train
 
-    saved = Path(args.out) / "config.yaml"
-    cfg = build_config(saved if args.resume and not args.config and saved.exists() else args.config, overrides)
-    row = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if args.tensorboard:
+        overrides = [*overrides, "--tensorboard=true"]
+    cfg = config_for_command(args.out, args.config, overrides, args.resume)
+    try:
+        row = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ngloronet train: interrupted; continue from the last checkpoint with: "
+              f"gloronet train --out {args.out} --resume", file=sys.stderr)
+        return 130
     print(f"done: {args.out}  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
     return 0
 
 
 def _certify(args) -> int:
-    import torch
-
-    from . import data
     from .certify import certify_dataset, markdown_table, write_reports
-    from .checkpoint import load_model
-    from .train import resolve_device
+    from .runs import check_writable, clean_temps, open_run
 
-    run = Path(args.run_dir)
-    device = resolve_device(args.device)
-    net = load_model(run, map_location=device)
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
-    dataset = args.dataset or cfg.get("dataset")
-    if not dataset:
-        raise SystemExit("error: the run has no config.yaml naming its dataset: pass --dataset")
-    if args.eps is not None:
-        net.epsilon = args.eps[0]
-    images, labels = data.load_dataset(dataset, args.split, args.data_dir or cfg.get("data_dir"), args.limit, dtype=torch.uint8)
+    out = Path(args.out or args.run_dir)
+    run = open_run(args.run_dir, args.device, args.dataset, args.data_dir, args.eps[0] if args.eps else None)
+    check_writable(out)  # before any work: a read-only run directory fails now, not after certifying
+    clean_temps(out, REPORTS["certify"])
+    net, cfg = run.net, run.config
+    images, labels = run.load(args.split, args.limit)
     extra = list(args.eps or []) + list(cfg.get("certify_epsilons") or [])
     extra += [net.epsilon * f for f in (0.5, 1.5, 2.0)]
     top_k = args.top_k if args.top_k is not None else cfg.get("top_k")
     affinity = args.affinity if args.affinity is not None else cfg.get("affinity")
-    report = certify_dataset(net, images, labels, extra, batch_size=args.batch_size, device=device,
+    report = certify_dataset(net, images, labels, extra, batch_size=args.batch_size, device=run.device,
                              progress=not args.quiet, arithmetic=args.arithmetic, top_k=top_k, affinity=affinity)
-    report.update(dataset=dataset, split=args.split, model=net.config)
-    paths = write_reports(report, args.out or run, title=f"{net.config['name']} on {dataset} ({args.split})")
-    print(markdown_table(report, f"{net.config['name']} on {dataset} ({args.split})"))
+    report.update(dataset=run.dataset, split=args.split, model=net.config)
+    title = f"{net.config['name']} on {run.dataset} ({args.split})"
+    paths = write_reports(report, out, title=title)
+    print(markdown_table(report, title))
     print("reports: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
+def _export(args) -> int:
+    from .export import export_run
+
+    paths = export_run(args.run_dir, args.format, args.out)
+    print("exported: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 STUDIES = ("attack", "degrade", "privacy", "overfit", "tightness")
+REPORTS = {cmd: [f"{cmd}{ext}" for ext in (".json", ".md", ".png", "-counterexamples.safetensors", "-attributions.png")]
+           for cmd in ("certify", *STUDIES)}  # the files each command writes (its stale temporaries are removed)
 
 
 def _evaluate(args) -> int:
@@ -59,16 +72,15 @@ def _evaluate(args) -> int:
     ``--out`` (default: the run directory). Exit status 1 when it found a soundness bug (the
     counterexamples are saved next to the report)."""
     from .evaluate import common, plots
+    from .runs import check_writable, clean_temps
 
     def open_(path):
         return common.open_run(path, args.device, args.dataset, args.data_dir, args.eps)
 
-    for name in ("limit", "batch_size", "images", "ig_steps", "iters"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     run = open_(args.run_dir)
     limit, progress, out = args.limit, not args.quiet, Path(args.out or run.path)
+    check_writable(out)  # before any work
+    clean_temps(out, REPORTS[args.command])
     title = f"gloronet {args.command}: {run.net.config['name']} on {run.dataset}"
     extra, bug = [], ""
     if args.command in ("attack", "degrade"):
@@ -130,32 +142,84 @@ def _models(_args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``gloronet certify: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"epsilon must be a finite number > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _option(parser, name: str, *more: str, **kw):
+    """``--data-dir`` also answers to ``--data_dir`` (every dashed option takes both spellings)."""
+    names = [name, *more] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    return parser.add_argument(*names, **kw)
+
+
+def _config_keys() -> str:
+    from .config import DEFAULTS
+
+    return "config keys (defaults; set with --key=value or --key value, YAML syntax):\n" + "\n".join(
+        f"  {k} = {v!r}" for k, v in DEFAULTS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gloronet", description="Train and certify globally-robust (GloRo) networks.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a GloRo net from a YAML recipe",
-                       description="Any config key can be overridden with --key=value (YAML syntax), e.g. --epochs=5 --lr=5e-4.")
+    p = _Parser(prog="gloronet", description="Train and certify globally-robust (GloRo) networks.")
+    p.add_argument("--version", action="version", version=f"gloronet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train a GloRo net from a YAML recipe", epilog=_config_keys(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Any config key can be overridden with --key=value or --key value (YAML syntax), "
+                                   "e.g. --epochs=5 --lr=5e-4.")
     t.add_argument("-c", "--config", help="YAML recipe (see configs/)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, log.csv, reports)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "its own config.yaml (--epochs=N extends it on the original schedule)")
+    t.add_argument("--tensorboard", action="store_true", help="also log every epoch to <out>/tensorboard")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars (the epoch lines stay)")
     c = sub.add_parser("certify", help="certify a trained run on a dataset split (sound bound only)")
     c.add_argument("run_dir")
-    c.add_argument("--eps", type=float, nargs="+", help="ε values; the first becomes the target (default: the run's ε)")
+    c.add_argument("--eps", type=positive_float, nargs="+",
+                   help="ε values; the first becomes the target (default: the run's ε)")
     c.add_argument("--dataset", help="default: the run's dataset")
-    c.add_argument("--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
+    _option(c, "--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
     c.add_argument("--split", default="test", choices=["train", "test"])
-    c.add_argument("--limit", type=int, help="certify only the first N examples")
-    c.add_argument("--batch-size", type=int, default=512)
+    c.add_argument("--limit", type=positive_int, help="certify only the first N examples")
+    _option(c, "--batch-size", type=positive_int, default=512)
     c.add_argument("--device", default="auto")
     c.add_argument("--out", help="where to write certify.{json,md,png} (default: the run directory)")
     c.add_argument("--arithmetic", default="float", choices=["float", "exact"],
                    help="float (default): certificates sound for the floating-point forward pass; exact: the "
                         "real-arithmetic test of the GloRo paper, which ignores rounding (for comparison with papers)")
-    c.add_argument("--top-k", type=int, help="also certify relaxed top-K robustness (default: the run's top_k)")
+    _option(c, "--top-k", type=positive_int, help="also certify relaxed top-K robustness (default: the run's top_k)")
     c.add_argument("--affinity", help="also certify affinity robustness: a named set "
                    "(cifar100-superclasses, fashion-mnist-groups) or a YAML/JSON file of class lists (default: the run's)")
     c.add_argument("-q", "--quiet", action="store_true")
+    e = sub.add_parser("export", help="export a run's model with its sound pairwise constants frozen in (ONNX or torch)")
+    e.add_argument("run_dir")
+    e.add_argument("--format", default="onnx", choices=["onnx", "torch"],
+                   help="onnx: model.onnx (extra `export`); torch: model.pt2 (torch.export)")
+    e.add_argument("--out", help="the exported file (default: the run directory's model.onnx / model.pt2); the "
+                   "model card is written beside it as <file>.card.json")
     _add_studies(sub)
     sub.add_parser("models", help="list registered architectures")
     return p
@@ -164,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_studies(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("run_dir", help="a run directory written by `gloronet train`")
-    common.add_argument("--eps", type=float, help="ε (default: the run's)")
-    common.add_argument("--limit", type=int, help="use the first N test images (default: all for attack/degrade, 1000 "
+    common.add_argument("--eps", type=positive_float, help="ε (default: the run's)")
+    common.add_argument("--limit", type=positive_int, help="use the first N test images (default: all for attack/degrade, 1000 "
                         "for overfit/tightness; privacy: N members and N non-members, default 1000)")
     common.add_argument("--out", help="where to write the reports (default: the run directory)")
     common.add_argument("--dataset", help="default: the run's dataset")
-    common.add_argument("--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
+    _option(common, "--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
     common.add_argument("--device", default="auto")
-    common.add_argument("--batch-size", type=int, default=256)
+    _option(common, "--batch-size", type=positive_int, default=256)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     attack = argparse.ArgumentParser(add_help=False)
     attack.add_argument("--steps", type=int, default=100, help="iterations per attack run")
@@ -187,28 +251,31 @@ def _add_studies(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="member / non-member sampling")
     o = sub.add_parser("overfit", parents=[common], help="robust overfitting curves and attribution maps")
     o.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare")
-    o.add_argument("--images", type=int, default=8, help="images in the attribution grid")
-    o.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
+    o.add_argument("--images", type=positive_int, default=8, help="images in the attribution grid")
+    _option(o, "--ig-steps", type=positive_int, default=32, help="integrated-gradients steps")
     t = sub.add_parser("tightness", parents=[common], help="empirical Lipschitz lower bounds vs the sound bounds")
-    t.add_argument("--iters", type=int, default=50, help="power iterations")
+    t.add_argument("--iters", type=positive_int, default=50, help="power iterations")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if args.command != "train" and unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        if args.command == "train":
-            return _train(args, unknown)
-        if args.command == "certify":
-            return _certify(args)
-        if args.command in STUDIES:
-            return _evaluate(args)
-        return _models(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as e:
-        print(f"gloronet {args.command}: error: {e}", file=sys.stderr)
+        args, unknown = parser.parse_known_args(argv)
+        if args.command != "train" and unknown:
+            parser.parse_args(argv)  # the subcommand's parser names the unrecognised argument
+    except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
+        return int(e.code or 0)
+    commands = {"train": lambda: _train(args, unknown), "certify": lambda: _certify(args),
+                "export": lambda: _export(args), "models": lambda: _models(args)}
+    try:
+        return commands.get(args.command, lambda: _evaluate(args))()
+    except (ValueError, OSError, RuntimeError, TypeError, ImportError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"gloronet {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train prints its own hint; the others wrote nothing half-way
+        print(f"\ngloronet {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

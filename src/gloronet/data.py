@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+INPUT_RANGE = (0.0, 1.0)  # what every model trained here receives: uint8 pixels / 255
+
 __all__ = [
     "DatasetInfo", "DATASETS", "SYSTEM_DIRS", "dataset_info",
     "DatasetNotFoundError", "DatasetFormatError",

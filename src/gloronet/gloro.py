@@ -13,6 +13,7 @@ so the certificate holds for the floating-point program this module runs in eval
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +168,8 @@ class GloroNet(nn.Module):
         head_weight(head)  # fail early on an unsupported head
         self._bound_cache: _Bounds | None = None
         self.config: dict | None = None  # construction arguments, set by gloronet.models.create
+        # (low, high) of the inputs the model was trained on (gloronet.data: [0, 1]); None: unknown
+        self.input_range: tuple[float, float] | None = None
 
     @property
     def epsilon(self) -> float:
@@ -280,9 +283,14 @@ class GloroNet(nn.Module):
 
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
         Ties and non-finite inputs, logits or bounds never certify; ``certified`` is exactly
-        ``radius > ε``.
+        ``radius > ε``. Inputs outside :attr:`input_range` (when known) raise a warning;
+        :func:`gloronet.certify.certify_dataset` refuses them.
         """
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
+        problem = self.out_of_range(x)
+        if problem:
+            warnings.warn(f"GloroNet.certify: {problem}: the certificates hold, but for inputs unlike the training "
+                          "data", stacklevel=2)
         if arithmetic not in ARITHMETIC:
             raise ValueError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
         relax = relaxed.make_relaxation(self.num_classes, top_k, affinity)
@@ -341,6 +349,18 @@ class GloroNet(nn.Module):
             return torch.where(ok, radius, torch.zeros_like(radius))
 
         return logits, margins, adjust
+
+    def out_of_range(self, x: torch.Tensor) -> str | None:
+        """Why ``x`` lies outside :attr:`input_range` (e.g. pixels in 0..255 for a model trained on
+        0..1, where every radius would be meaningless), or None when it fits or no range is known."""
+        if self.input_range is None or not torch.is_tensor(x) or not x.is_floating_point() or x.numel() == 0:
+            return None
+        lo, hi = self.input_range
+        x_lo, x_hi = float(x.min()), float(x.max())
+        if lo <= x_lo and x_hi <= hi:
+            return None
+        return (f"inputs span [{x_lo:.4g}, {x_hi:.4g}] but the model was trained on inputs in [{lo:g}, {hi:g}]"
+                + (" (divide 0..255 pixels by 255)" if x_hi > 2 * hi > 0 else ""))
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"

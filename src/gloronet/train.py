@@ -11,24 +11,26 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import data, models
 from .certify import certify_dataset
-from .checkpoint import atomic_write, load_state, save_model, save_state
 from .config import TrainConfig
+from .device import resolve_device
 from .gloro import GloroNet, bottom_logit
-from .relaxed import make_relaxation
 from .losses import make_loss
 from .optim import make_optimizer
+from .relaxed import make_relaxation
+from .runs import (RunError, check_new_run, clean_temps, load_state, resume_config, save_model, save_state,
+                   write_config, write_text)
 from .schedules import make_schedule
 
 LOG_FIELDS = ["epoch", "lr", "train_epsilon", "loss", "train_acc", "train_vra_est", "test_acc", "test_vra",
@@ -46,15 +48,6 @@ class _TrainStep(nn.Module):
 
     def forward(self, x):
         return self.net(x), self.net.pairwise_lipschitz()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
@@ -78,7 +71,7 @@ def _write_log(out: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "log.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    write_text(out / "log.csv", buf.getvalue())
 
 
 def train_step(step_module: nn.Module, opt, loss_fn, x, y, eps: float, lam: float | None, cfg: TrainConfig, device,
@@ -108,11 +101,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
-    if rank == 0:
-        if (out / "state.pt").exists() and not resume:
-            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    state = None
+    if resume:
+        state, cfg = _resume(out, cfg, device, rank == 0)
+    elif rank == 0:
+        check_new_run(out)
+    tb = _TensorBoard(out) if cfg.tensorboard and rank == 0 else None
 
     torch.manual_seed(cfg.seed)
     info = data.dataset_info(cfg.dataset)
@@ -124,19 +118,26 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
 
     relax = make_relaxation(info.num_classes, cfg.top_k, cfg.affinity)
     net = models.create(cfg.model, info.in_shape, info.num_classes, cfg.epsilon, **cfg.model_args).to(device)
+    net.input_range = data.INPUT_RANGE
     net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
     opt = make_optimizer(net.parameters(), cfg.optimizer, cfg.weight_decay, cfg.lookahead)
-    lr_at = make_schedule(cfg.lr, cfg.epochs)
-    eps_at = make_schedule(cfg.train_epsilon, cfg.epochs, base=cfg.epsilon * (2 if cfg.degradation_defense else 1))
-    lam_at = make_schedule(cfg.trades_lam, cfg.epochs) if cfg.trades_lam is not None else None
+    horizon = cfg.schedule_epochs or cfg.epochs  # an extended run keeps its original schedule
+    lr_at = make_schedule(cfg.lr, horizon)
+    eps_at = make_schedule(cfg.train_epsilon, horizon, base=cfg.epsilon * (2 if cfg.degradation_defense else 1))
+    lam_at = make_schedule(cfg.trades_lam, horizon) if cfg.trades_lam is not None else None
     loss_fn = make_loss(cfg.loss)
 
+    if rank == 0:  # set up without error: from here on the directory holds this run
+        clean_temps(out)
+        write_config(out, cfg)
     start_epoch, rows = 0, []
-    if resume and (out / "state.pt").exists():
-        state = load_state(out, map_location=device)
+    if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, rows = state["epoch"], state["log"]
+        if rank == 0:
+            print(f"resuming {out} from epoch {start_epoch} of {cfg.epochs}" if start_epoch < cfg.epochs else
+                  f"{out} has trained all {cfg.epochs} epochs: pass --epochs=N to extend it", flush=True)
     step_module: nn.Module = _TrainStep(net)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -165,6 +166,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         if world > 1:
             dist.all_reduce(sums)
         s = (sums / sums[3]).tolist()
+        if not math.isfinite(s[0]):  # every rank sees the same reduced loss
+            raise RunError(f"training diverged in epoch {epoch + 1} of {out} (loss {s[0]}): nothing of this epoch was "
+                           "saved; lower lr or set grad_clip")
         row = {"epoch": epoch + 1, "lr": lr, "train_epsilon": eps, "loss": s[0], "train_acc": s[1],
                "train_vra_est": s[2], "test_acc": "", "test_vra": "", "train_subset_acc": "", "train_subset_vra": "",
                "lipschitz_bound": "",
@@ -179,12 +183,57 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 row.update(train_subset_acc=sub["clean_accuracy"], train_subset_vra=sub["vra"][f"{cfg.epsilon:g}"])
         rows.append(row)
         if rank == 0:
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v != "")
             if progress:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v != ""))
+                tqdm.write(line)
+            else:
+                print(line, flush=True)
             _write_log(out, rows)
+            if tb is not None:
+                tb.add_row(row)
             if last or (epoch + 1) % cfg.checkpoint_every == 0:
                 save_model(out, net, {"dataset": info.name, "epoch": epoch + 1})
                 save_state(out, {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": rows})
         if world > 1:
             dist.barrier()
+    if tb is not None:
+        tb.close()
     return rows[-1] if rows else {}
+
+
+def _resume(out: Path, cfg: TrainConfig, device, chatty: bool) -> tuple[dict | None, TrainConfig]:
+    """``(state or None, cfg)`` to continue the run in ``out``: refuses what is not a run, a run
+    whose weights have no ``state.pt`` beside them, and another experiment (:func:`resume_config`)."""
+    if not (out / "config.yaml").is_file():
+        raise RunError(f"cannot resume: {out} is not a gloronet run (no config.yaml); drop --resume to start a new run")
+    if not (out / "state.pt").exists():
+        if (out / "model.safetensors").exists():
+            raise RunError(f"cannot resume {out}: it holds model.safetensors but no state.pt to continue from")
+        if chatty:
+            print(f"{out} has no checkpoint yet: starting from epoch 0", flush=True)
+        return None, resume_config(out, cfg, 0)
+    state = load_state(out, map_location=device)
+    return state, resume_config(out, cfg, state["epoch"])
+
+
+class _TensorBoard:
+    """Epoch rows as TensorBoard scalars in ``<run>/tensorboard`` (``tensorboard: true``; extra
+    ``tensorboard``); the writer opens with the first row, so a run that fails to start leaves none."""
+
+    def __init__(self, out: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RunError("tensorboard: true needs the tensorboard package: pip install 'gloronet[tensorboard]'") from None
+        self.make, self.path, self.writer = SummaryWriter, out / "tensorboard", None
+
+    def add_row(self, row: dict) -> None:
+        self.writer = self.writer or self.make(log_dir=str(self.path))
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.writer.add_scalar(k, v, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

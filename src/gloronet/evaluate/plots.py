@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..runs import atomic_write
 from .common import vra
 from .degrade import efficacy_upper_bound
 

@@ -1,19 +1,16 @@
-"""Model registry (timm style): ``create(name, in_shape, num_classes, epsilon)`` -> ``GloroNet``.
-
-Convolutional GloRo architectures of Leino et al. (ICML 2021): MinMax after every layer but the
+"""Convolutional GloRo architectures of Leino et al. (ICML 2021): MinMax after every layer but the
 head, TensorFlow-'same' padding, orthogonal initialisation. ``C32k4s2`` = conv with 32 output
 channels, kernel 4, stride 2; ``D512`` = dense layer with 512 units.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
-from .gloro import GloroNet
-from .nn import Flatten, LipConv2d, LipLinear, LLNLinear, MinMax, Sequential
-
-_REGISTRY: dict[str, Callable[..., GloroNet]] = {}
+from ..gloro import GloroNet
+from ..nn import Flatten, LipConv2d, LipLinear, LLNLinear, MinMax, Sequential
+from .registry import register
 
 # (out_channels, kernel, stride) per conv layer, then dense widths.
 CONV_NETS: dict[str, tuple[list[tuple[int, int, int]], list[int]]] = {
@@ -25,39 +22,6 @@ CONV_NETS: dict[str, tuple[list[tuple[int, int, int]], list[int]]] = {
         [256],
     ),
 }
-
-
-def register(name: str):
-    """Decorator adding a builder ``fn(in_shape, num_classes, epsilon, **kw) -> GloroNet``."""
-
-    def wrap(fn):
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create(name: str, in_shape: Sequence[int], num_classes: int, epsilon: float = 0.0, **kwargs) -> GloroNet:
-    """Build a registered architecture for inputs of shape ``in_shape = (C, H, W)``.
-
-    The returned net carries ``net.config`` (name and arguments) so it can be rebuilt from a
-    checkpoint alone.
-    """
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    in_shape = tuple(int(s) for s in in_shape)
-    if len(in_shape) != 3 or min(in_shape) < 1:
-        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape}")
-    if int(num_classes) < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    net = _REGISTRY[key](in_shape, int(num_classes), epsilon, **kwargs)
-    net.config = {"name": key, "in_shape": list(in_shape), "num_classes": int(num_classes), **kwargs}
-    return net
 
 
 def conv_net(
@@ -94,5 +58,3 @@ def _register_conv_net(name: str) -> None:
 
 for _name in CONV_NETS:
     _register_conv_net(_name)
-
-from . import liresnet  # noqa: E402,F401  (registers liresnet-* and chord-*)
