@@ -1,0 +1,195 @@
+"""Peer benchmark: gloronet vs the reference TensorFlow library (klasleino/gloro 1.1.1), same recipe.
+
+    # the reference's venv, outside the repo (both packages install offline from PyPI here)
+    python3 -m venv /work/tfvenv && /work/tfvenv/bin/pip install tensorflow-cpu==2.15.1 gloro==1.1.1
+    # one lane per library (one CPU thread each), then the table
+    python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --libs gloronet &
+    python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --libs tf --tf-python /work/tfvenv/bin/python &
+    python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --report
+
+Recipe (both libraries): 2C2F (MinMax, orthogonal init), ε = 0.3, GloRo-TRADES (KL) λ = 1.5,
+batch 512, Adam lr 1e-3, no augmentation; ε schedule ``"[0.01]-log-[50%:1.1]"`` and lr schedule
+``"decay_after_half_to_0.000001"`` as gloro strings (the klasleino/gloro README's MNIST recipe,
+``tools/README.md``). gloronet reads the same strings with ``kind: gloro``
+(:mod:`gloronet.schedule_strings`), so ε and lr match the reference's per-batch values exactly.
+What differs is each library's own: gloronet trains on its 1-step warm-started power-iteration
+estimate and certifies with a sound float64 bound plus floating-point error terms; the
+reference runs 5 power iterations per step and certifies with power iteration converged to 1e-4
+(an estimate from below, not a bound). Adam ε is each framework's default (Keras 1e-7, torch 1e-8).
+
+Each (library, seed) run writes ``OUT/<dataset>-<lib>-e<epochs>-s<seed>.json`` when it finishes;
+finished runs are skipped, so an interrupted benchmark resumes (gloronet runs also resume
+mid-run from their run directory). Every run is pinned to one CPU thread.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EPS, EPS_SCHEDULE, LAM = 0.3, "[0.01]-log-[50%:1.1]", 1.5
+LR, LR_SCHEDULE, BATCH = 1e-3, "decay_after_half_to_0.000001", 512
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
+              "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+LABELS = {"gloronet": "gloronet (torch 2.13 CPU)", "tf": "gloro 1.1.1 (tensorflow-cpu 2.15.1)"}
+
+
+def load_idx(data_dir: str, dataset: str, split: str):
+    """uint8 images (N, 28, 28) and labels (N,) from the IDX .gz files in ``data_dir/dataset``."""
+    import numpy as np
+
+    prefix = "train" if split == "train" else "t10k"
+    folder = Path(data_dir) / dataset
+
+    def read(name, offset):
+        with gzip.open(folder / name, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+    x = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    return x, read(f"{prefix}-labels-idx1-ubyte.gz", 8).astype("int64")
+
+
+def run_gloronet(args) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from gloronet.config import build_config
+    from gloronet.train import train
+
+    cfg = build_config(None, {
+        "dataset": args.dataset, "data_dir": args.data_dir, "model": "2c2f", "epsilon": EPS,
+        "train_epsilon": {"kind": "gloro", "schedule": EPS_SCHEDULE},
+        "loss": {"name": "trades", "lam": LAM}, "epochs": args.epochs, "batch_size": BATCH,
+        "optimizer": "adam", "lr": {"kind": "gloro", "schedule": LR_SCHEDULE, "base": LR},
+        "seed": args.seed, "device": "cpu", "amp": "off", "eval_every": args.epochs})
+    run_dir = Path(args.result).with_suffix("")
+    last = train(cfg, run_dir, resume=(run_dir / "state.pt").exists(), progress=False)
+    import csv
+    with open(run_dir / "log.csv") as f:
+        secs = [float(r["seconds"]) for r in csv.DictReader(f)]
+    return {"clean": 100 * last["test_acc"], "vra": 100 * last["test_vra"], "epoch_seconds": secs,
+            "lipschitz": last["lipschitz_bound"], "certificate": "sound float64 bound + fp error",
+            "versions": {"torch": torch.__version__}}
+
+
+def run_tf(args) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.keras.utils.set_random_seed(args.seed)
+    import gloro
+    from gloro import GloroNet
+    from gloro.layers import MinMax
+    from gloro.training.callbacks import EpsilonScheduler, LrScheduler
+    from tensorflow.keras import layers
+
+    # klasleino/gloro tools/training/architectures.py::cnn_2C2F (MinMax, orthogonal init)
+    x = layers.Input((28, 28, 1))
+    z = MinMax()(layers.Conv2D(16, 4, strides=2, padding="same", kernel_initializer="orthogonal")(x))
+    z = MinMax()(layers.Conv2D(32, 4, strides=2, padding="same", kernel_initializer="orthogonal")(z))
+    z = MinMax()(layers.Dense(100, kernel_initializer="orthogonal")(layers.Flatten()(z)))
+    y = layers.Dense(10, kernel_initializer="orthogonal")(z)
+    g = GloroNet(x, y, epsilon=EPS)  # num_iterations=5 power iterations per step (the default)
+    g.compile(loss=f"sparse_trades_kl.{LAM}", optimizer=tf.keras.optimizers.Adam(learning_rate=LR))
+
+    secs = []
+
+    class Timer(tf.keras.callbacks.Callback):  # last callback: includes the iterate refresh at epoch end
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            secs.append(round(time.perf_counter() - self.t0, 3))
+
+    xtr, ytr = load_idx(args.data_dir, args.dataset, "train")
+    xte, yte = load_idx(args.data_dir, args.dataset, "test")
+    xtr = (xtr[..., None] / 255.0).astype("float32")
+    xte = (xte[..., None] / 255.0).astype("float32")
+    g.fit(xtr, ytr[:, None], batch_size=BATCH, epochs=args.epochs, shuffle=True, verbose=0,
+          callbacks=[EpsilonScheduler(EPS_SCHEDULE, verbose=False), LrScheduler(LR_SCHEDULE, verbose=False), Timer()])
+    out = g.predict(xte, batch_size=1000, verbose=0)  # [y, y_bot]; fit() ends by converging the iterates
+    return {"clean": 100 * float(np.mean(out[:, :-1].argmax(1) == yte)), "vra": 100 * float(np.mean(out.argmax(1) == yte)),
+            "epoch_seconds": secs, "lipschitz": float(np.max(g.lipschitz_constant())),
+            "certificate": "power iteration (not a sound bound)",
+            "versions": {"tensorflow": tf.__version__, "gloro": gloro.__version__}}
+
+
+def worker(args) -> None:
+    t0 = time.time()
+    res = (run_gloronet if args.worker == "gloronet" else run_tf)(args)
+    res.update(lib=args.worker, dataset=args.dataset, seed=args.seed, epochs=args.epochs,
+               recipe={"epsilon": EPS, "eps_schedule": EPS_SCHEDULE, "trades_lam": LAM, "lr": LR,
+                       "lr_schedule": LR_SCHEDULE, "batch_size": BATCH, "model": "2c2f"},
+               threads=1, machine=f"{platform.machine()}, {os.cpu_count()} CPUs", python=platform.python_version(),
+               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               wall_seconds=round(time.time() - t0, 1))
+    tmp = Path(args.result + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(args.result)  # atomic: a result file is always a finished run
+
+
+def result_path(out: Path, dataset: str, lib: str, epochs: int, seed: int) -> Path:
+    return out / f"{dataset}-{lib}-e{epochs}-s{seed}.json"
+
+
+def report(out: Path, dataset: str, epochs: int) -> str:
+    def fmt(xs):
+        return f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+
+    lines = [f"{dataset} 2C2F, ε = {EPS}, {epochs} epochs, 1 CPU thread per run",
+             "| library | certificate | seeds | clean acc % | VRA % @ 0.3 | s/epoch |", "|---|---|---:|---:|---:|---:|"]
+    for lib in ("gloronet", "tf"):
+        rs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{dataset}-{lib}-e{epochs}-s*.json"))]
+        if rs:
+            secs = [statistics.mean(r["epoch_seconds"]) for r in rs]
+            lines.append(f"| {LABELS[lib]} | {rs[0]['certificate']} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
+                         f"{fmt([r['clean'] for r in rs])} | {fmt([r['vra'] for r in rs])} | {fmt(secs)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="holds mnist/ and fashion-mnist/ IDX .gz files")
+    p.add_argument("--dataset", default="fashion-mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--libs", nargs="+", default=["gloronet", "tf"], choices=["gloronet", "tf"])
+    p.add_argument("--out", default="bench-runs/peer", help="result JSONs (and gloronet run directories)")
+    p.add_argument("--tf-python", default="/work/tfvenv/bin/python", help="python of the TF venv")
+    p.add_argument("--report", action="store_true", help="only print the table of finished runs")
+    p.add_argument("--worker", choices=["gloronet", "tf"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        for seed in args.seeds:
+            for lib in args.libs:
+                res = result_path(out, args.dataset, lib, args.epochs, seed)
+                if res.exists():
+                    print(f"skip {res.name} (done)", flush=True)
+                    continue
+                python = sys.executable if lib == "gloronet" else args.tf_python
+                cmd = [python, __file__, "--worker", lib, "--seed", str(seed), "--result", str(res),
+                       "--data-dir", args.data_dir, "--dataset", args.dataset, "--epochs", str(args.epochs)]
+                print(f"run {res.name}", flush=True)
+                with open(res.with_suffix(".log"), "a") as log:
+                    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **THREAD_ENV})
+    print(report(out, args.dataset, args.epochs))
+
+
+if __name__ == "__main__":
+    main()
