@@ -36,10 +36,10 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 256
-    optimizer: str = "adam"  # adam | nadam
+    optimizer: str = "adam"  # adam | adamw | nadam
     lr: Any = 1e-3  # number or schedule spec
     weight_decay: float = 0.0
-    lookahead: bool = False
+    lookahead: Any = False  # true (k=5, alpha=0.5) | {k: 6, alpha: 0.5} (timm's default)
     grad_clip: float | None = None
     amp: str = "auto"  # auto (bf16 on CUDA when supported) | bf16 | off
     # run
@@ -57,8 +57,11 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if self.optimizer not in ("adam", "nadam"):
-            raise ValueError(f"optimizer must be 'adam' or 'nadam', got {self.optimizer!r}")
+        if self.optimizer not in ("adam", "adamw", "nadam"):
+            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'nadam', got {self.optimizer!r}")
+        from .optim import lookahead_args
+
+        lookahead_args(self.lookahead)
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
