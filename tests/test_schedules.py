@@ -147,3 +147,15 @@ def test_bad_total_and_base():
         make_schedule(1.0, 0)
     with pytest.raises(ValueError, match="base"):
         make_schedule(None, 10)
+
+
+def test_log_lerp_exp_scaled_is_the_icml_snapshot_logarithmic_half():
+    # klasleino/gloro snapshots/leino21_snapshot.zip, train_margin_models_clean.py EpsilonScheduler
+    # 'logarithmic_half' with overcompensate_eps 1.1: per epoch i <= d//2,
+    #   1.1 * eps * np.log((np.exp(1.) - np.exp(0.01)) / (d // 2) * i + np.exp(0.01))
+    eps, d = 0.141, 800
+    s = make_schedule({"kind": "log_lerp_exp", "start": 0.01, "end": 1.0, "scale_factor": 1.1,
+                       "ramp_fraction": 0.5}, d, base=eps)
+    for i in (0, 1, 57, 200, 399, 400, 600):
+        ref = 1.1 * eps * np.log((np.exp(1.0) - np.exp(0.01)) / (d // 2) * min(i, d // 2) + np.exp(0.01))
+        assert s(i) == pytest.approx(ref, rel=1e-12)

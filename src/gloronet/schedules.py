@@ -17,7 +17,8 @@ Keys per ``kind`` (``a | b``: give exactly one; ``[...]``: optional, default sho
 
     constant   value | value_factor
     linear        start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
-    log_lerp_exp  start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
+    log_lerp_exp  start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction,
+                  [scale = 1 | scale_factor]
     geometric     start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
     gloro         schedule (a klasleino/gloro schedule string),  [base]  (see schedule_strings)
     cosine     peak | peak_factor,  [warmup_epochs | warmup_fraction = 0],
@@ -38,8 +39,10 @@ Meaning of the keys:
 Ramps, ``t = clamp(e / ramp_epochs, 0, 1)``, held at ``end`` afterwards:
 
 * ``linear``: ``start + (end - start) t``.
-* ``log_lerp_exp``: ``log((1 - t) e^start + t e^end)``: klasleino/gloro's ``-log-`` transition
-  (``gloro/training/schedules.py::_log_interp``). Concave; for levels below 1 nearly linear.
+* ``log_lerp_exp``: ``scale · log((1 - t) e^start + t e^end)``: klasleino/gloro's ``-log-``
+  transition (``gloro/training/schedules.py::_log_interp``, scale 1, absolute levels). Concave;
+  for levels below 1 nearly linear. The ICML 2021 snapshot's ``logarithmic_half`` applies it to
+  factors and scales after: ``{start: 0.01, end: 1.0, scale_factor: 1.1}`` (× base).
 * ``geometric``: ``start (end / start)^t``: gloro's ``-exp-`` transition (``_exp_interp``).
 
 The kind ``log`` is refused: it used to mean ``geometric`` here, the opposite of gloro's ``-log-``.
@@ -105,17 +108,19 @@ class LinearRamp(Schedule):
 
 
 class LogLerpExpRamp(Schedule):
-    """gloro's ``-log-`` ramp ``s(e) = log((1 - t) e^start + t e^end)``, ``t = clamp(e / ramp_epochs,
-    0, 1)``; held at ``end`` afterwards (klasleino/gloro ``training/schedules.py::_log_interp``)."""
+    """gloro's ``-log-`` ramp ``s(e) = scale · log((1 - t) e^start + t e^end)``,
+    ``t = clamp(e / ramp_epochs, 0, 1)``; held at ``scale · end`` afterwards (klasleino/gloro
+    ``training/schedules.py::_log_interp``)."""
 
-    def __init__(self, start: float, end: float, ramp_epochs: float):
+    def __init__(self, start: float, end: float, ramp_epochs: float, scale: float = 1.0):
         self.start, self.end, self.ramp_epochs = float(start), float(end), float(ramp_epochs)
+        self.scale = float(scale)
 
     def __call__(self, epoch: float) -> float:
         t = _progress(epoch, 0.0, self.ramp_epochs)
         if t >= 1.0:
-            return self.end
-        return math.log((1.0 - t) * math.exp(self.start) + t * math.exp(self.end))
+            return self.scale * self.end
+        return self.scale * math.log((1.0 - t) * math.exp(self.start) + t * math.exp(self.end))
 
 
 class GeometricRamp(Schedule):
@@ -173,7 +178,8 @@ class ExpDecay(Schedule):
 SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
     "constant": ("value", "value_factor"),
     "linear": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction"),
-    "log_lerp_exp": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction"),
+    "log_lerp_exp": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction",
+                     "scale", "scale_factor"),
     "geometric": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction"),
     "gloro": ("schedule", "base"),
     "cosine": ("peak", "peak_factor", "warmup_epochs", "warmup_fraction", "warmup_start",
@@ -284,7 +290,7 @@ def make_schedule(spec: Any, total_epochs: int, base: float | None = None) -> Sc
         if kind == "linear":
             return LinearRamp(start, end, ramp)
         if kind == "log_lerp_exp":
-            return LogLerpExpRamp(start, end, ramp)
+            return LogLerpExpRamp(start, end, ramp, s.level("scale", default=1.0))
         if start <= 0 or end <= 0:
             s.fail(f"a geometric ramp needs start > 0 and end > 0 (got start={start:g}, end={end:g})")
         return GeometricRamp(start, end, ramp)
