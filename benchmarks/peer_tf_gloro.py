@@ -12,8 +12,8 @@ batch 512, Adam lr 1e-3, no augmentation; ε schedule ``"[0.01]-log-[50%:1.1]"``
 ``"decay_after_half_to_0.000001"`` as gloro strings (the klasleino/gloro README's MNIST recipe,
 ``tools/README.md``). gloronet reads the same strings with ``kind: gloro``
 (:mod:`gloronet.schedule_strings`), so ε and lr match the reference's per-batch values exactly.
-What differs is each library's own: gloronet trains on its 1-step warm-started power-iteration
-estimate and certifies with a sound float64 bound plus floating-point error terms; the
+What differs is each library's own: gloronet trains on its warm-started power-iteration
+estimate (1 step per training step by default, ``--power-iters N`` for more) and certifies with a sound float64 bound plus floating-point error terms; the
 reference runs 5 power iterations per step and certifies with power iteration converged to 1e-4
 (an estimate from below, not a bound). Adam ε is each framework's default (Keras 1e-7, torch 1e-8).
 
@@ -69,7 +69,8 @@ def run_gloronet(args) -> dict:
         "train_epsilon": {"kind": "gloro", "schedule": EPS_SCHEDULE},
         "loss": {"name": "trades", "lam": LAM}, "epochs": args.epochs, "batch_size": BATCH,
         "optimizer": "adam", "lr": {"kind": "gloro", "schedule": LR_SCHEDULE, "base": LR},
-        "seed": args.seed, "device": "cpu", "amp": "off", "eval_every": args.epochs})
+        "seed": args.seed, "device": "cpu", "amp": "off", "eval_every": args.epochs,
+        "model_args": {"power_iters": args.power_iters}})
     run_dir = Path(args.result).with_suffix("")
     last = train(cfg, run_dir, resume=(run_dir / "state.pt").exists(), progress=False)
     import csv
@@ -77,7 +78,7 @@ def run_gloronet(args) -> dict:
         secs = [float(r["seconds"]) for r in csv.DictReader(f)]
     return {"clean": 100 * last["test_acc"], "vra": 100 * last["test_vra"], "epoch_seconds": secs,
             "lipschitz": last["lipschitz_bound"], "certificate": "sound float64 bound + fp error",
-            "versions": {"torch": torch.__version__}}
+            "power_iters": args.power_iters, "versions": {"torch": torch.__version__}}
 
 
 def run_tf(args) -> dict:
@@ -120,7 +121,7 @@ def run_tf(args) -> dict:
     out = g.predict(xte, batch_size=1000, verbose=0)  # [y, y_bot]; fit() ends by converging the iterates
     return {"clean": 100 * float(np.mean(out[:, :-1].argmax(1) == yte)), "vra": 100 * float(np.mean(out.argmax(1) == yte)),
             "epoch_seconds": secs, "lipschitz": float(np.max(g.lipschitz_constant())),
-            "certificate": "power iteration (not a sound bound)",
+            "certificate": "power iteration (not a sound bound)", "power_iters": 5,
             "versions": {"tensorflow": tf.__version__, "gloro": gloro.__version__}}
 
 
@@ -138,8 +139,9 @@ def worker(args) -> None:
     tmp.replace(args.result)  # atomic: a result file is always a finished run
 
 
-def result_path(out: Path, dataset: str, lib: str, epochs: int, seed: int) -> Path:
-    return out / f"{dataset}-{lib}-e{epochs}-s{seed}.json"
+def result_path(out: Path, dataset: str, lib: str, epochs: int, seed: int, power_iters: int = 1) -> Path:
+    variant = f"-pi{power_iters}" if lib == "gloronet" and power_iters != 1 else ""
+    return out / f"{dataset}-{lib}{variant}-e{epochs}-s{seed}.json"
 
 
 def report(out: Path, dataset: str, epochs: int) -> str:
@@ -147,13 +149,17 @@ def report(out: Path, dataset: str, epochs: int) -> str:
         return f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
     lines = [f"{dataset} 2C2F, ε = {EPS}, {epochs} epochs, 1 CPU thread per run",
-             "| library | certificate | seeds | clean acc % | VRA % @ 0.3 | s/epoch |", "|---|---|---:|---:|---:|---:|"]
-    for lib in ("gloronet", "tf"):
-        rs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{dataset}-{lib}-e{epochs}-s*.json"))]
-        if rs:
-            secs = [statistics.mean(r["epoch_seconds"]) for r in rs]
-            lines.append(f"| {LABELS[lib]} | {rs[0]['certificate']} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
-                         f"{fmt([r['clean'] for r in rs])} | {fmt([r['vra'] for r in rs])} | {fmt(secs)} |")
+             "| library | power iterations / step | certificate | seeds | clean acc % | VRA % @ 0.3 | s/epoch |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    groups: dict[tuple, list] = {}
+    for p in sorted(out.glob(f"{dataset}-*-e{epochs}-s*.json")):
+        r = json.loads(p.read_text())
+        groups.setdefault((r["lib"] != "gloronet", r.get("power_iters", 1 if r["lib"] == "gloronet" else 5)), []).append(r)
+    for (_, iters), rs in sorted(groups.items()):
+        secs = [statistics.mean(r["epoch_seconds"]) for r in rs]
+        lines.append(f"| {LABELS[rs[0]['lib']]} | {iters} | {rs[0]['certificate']} | {len(rs)} "
+                     f"({', '.join(str(r['seed']) for r in rs)}) | {fmt([r['clean'] for r in rs])} | "
+                     f"{fmt([r['vra'] for r in rs])} | {fmt(secs)} |")
     return "\n".join(lines)
 
 
@@ -166,6 +172,8 @@ def main() -> None:
     p.add_argument("--libs", nargs="+", default=["gloronet", "tf"], choices=["gloronet", "tf"])
     p.add_argument("--out", default="bench-runs/peer", help="result JSONs (and gloronet run directories)")
     p.add_argument("--tf-python", default="/work/tfvenv/bin/python", help="python of the TF venv")
+    p.add_argument("--power-iters", type=int, default=1,
+                   help="gloronet's power-iteration steps per training step (1: its default; the reference runs 5)")
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     p.add_argument("--worker", choices=["gloronet", "tf"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -178,13 +186,14 @@ def main() -> None:
     if not args.report:
         for seed in args.seeds:
             for lib in args.libs:
-                res = result_path(out, args.dataset, lib, args.epochs, seed)
+                res = result_path(out, args.dataset, lib, args.epochs, seed, args.power_iters)
                 if res.exists():
                     print(f"skip {res.name} (done)", flush=True)
                     continue
                 python = sys.executable if lib == "gloronet" else args.tf_python
                 cmd = [python, __file__, "--worker", lib, "--seed", str(seed), "--result", str(res),
-                       "--data-dir", args.data_dir, "--dataset", args.dataset, "--epochs", str(args.epochs)]
+                       "--data-dir", args.data_dir, "--dataset", args.dataset, "--epochs", str(args.epochs),
+                       "--power-iters", str(args.power_iters)]
                 print(f"run {res.name}", flush=True)
                 with open(res.with_suffix(".log"), "a") as log:
                     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **THREAD_ENV})
