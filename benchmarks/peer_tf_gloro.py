@@ -15,7 +15,7 @@ batch 512, Adam lr 1e-3, no augmentation; ε schedule ``"[0.01]-log-[50%:1.1]"``
 Both run 5 warm-started power-iteration steps per training step (the reference's
 ``num_iterations=5``; gloronet's own default is 1: ``--power-iters 1``). What differs is each
 library's own: gloronet certifies with a sound float64 bound plus floating-point error terms; the
-reference runs 5 power iterations per step and certifies with power iteration converged to 1e-4
+reference certifies with power iteration converged to 1e-4
 (an estimate from below, not a bound). Adam ε is each framework's default (Keras 1e-7, torch 1e-8).
 The column "VRA with power-iteration K" certifies gloronet's model the reference's way too
 (converged power iteration, no floating-point terms): the gap to its sound VRA is the price of
