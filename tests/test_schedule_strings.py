@@ -67,3 +67,6 @@ def test_bad_strings():
     for text in ("[0.01]", "0.01-log-1.1", "[0.01]-log-[0.5]-[1.1]"):
         with pytest.raises(ValueError):
             parse_gloro_schedule(text, 10, 1.0)
+    for text in ("[1.]-[-1.]", "[0.]-exp-[1.]"):  # the reference allows the first, crashes on the second
+        with pytest.raises(ValueError):
+            make_schedule({"kind": "gloro", "schedule": text, "base": 1.0}, 10)

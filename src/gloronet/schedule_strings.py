@@ -107,8 +107,8 @@ class GloroStringSchedule(Schedule):
     def __init__(self, text: str, total_epochs: int, base: float):
         self.text, self.total_epochs, self.base = text, int(total_epochs), float(base)
         self.values = parse_gloro_schedule(text, self.total_epochs, self.base)
-        if not all(math.isfinite(v) for v in self.values):
-            raise ValueError(f"gloro schedule {text!r} with base {base:g} has non-finite values")
+        if not all(math.isfinite(v) and v >= 0 for v in self.values):
+            raise ValueError(f"gloro schedule {text!r} with base {base:g} has negative or non-finite values")
 
     def __call__(self, epoch: float) -> float:
         s = self.values
