@@ -49,6 +49,8 @@ def _interp(kind: str, a: float, b: float, d: int) -> list[float]:
     if kind == "-":
         return [a + (b - a) * i / d for i in range(d)]
     if kind == "-exp-":
+        if a <= 0 or b <= 0:
+            raise ValueError(f"an -exp- transition needs values > 0, got {a:g} and {b:g}")
         rate = math.log(b / a) / d
         return [a * math.exp(rate * i) for i in range(d)]
     if kind == "-log-":
