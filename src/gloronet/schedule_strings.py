@@ -46,6 +46,8 @@ PREFIXED = {  # {r} = X / base
 
 
 def _interp(kind: str, a: float, b: float, d: int) -> list[float]:
+    if d == 0:
+        return []
     if kind == "-":
         return [a + (b - a) * i / d for i in range(d)]
     if kind == "-exp-":
