@@ -2,9 +2,9 @@
 
     # the reference's venv, outside the repo (both packages install offline from PyPI here)
     python3 -m venv /work/tfvenv && /work/tfvenv/bin/pip install tensorflow-cpu==2.15.1 gloro==1.1.1
-    # one lane per library (one CPU thread each), then the table
+    # one lane per library (one CPU thread each), then the table; DATA holds mnist/, fashion-mnist/
     python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --libs gloronet &
-    python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --libs tf --tf-python /work/tfvenv/bin/python &
+    python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --libs tf --tf-python /work/tfvenv/bin/python
     python benchmarks/peer_tf_gloro.py --data-dir DATA --dataset fashion-mnist --report
 
 Recipe (both libraries): 2C2F (MinMax, orthogonal init), ε = 0.3, GloRo-TRADES (KL) λ = 1.5,
@@ -14,13 +14,14 @@ batch 512, Adam lr 1e-3, no augmentation; ε schedule ``"[0.01]-log-[50%:1.1]"``
 (:mod:`gloronet.schedule_strings`), so ε and lr match the reference's per-batch values exactly.
 Both run 5 warm-started power-iteration steps per training step (the reference's
 ``num_iterations=5``; gloronet's own default is 1: ``--power-iters 1``). What differs is each
-library's own: gloronet certifies with a sound float64 bound plus floating-point error terms; the
-reference certifies with power iteration converged to 1e-4 (an estimate from below, not a bound). Adam ε is each framework's default (Keras 1e-7, torch 1e-8).
+library's own: gloronet certifies with a sound float64 bound plus floating-point error terms, the
+reference with power iteration converged to 1e-4 (an estimate from below, not a bound); Adam ε is
+each framework's default (Keras 1e-7, torch 1e-8); gloronet drops an epoch's last partial batch.
 The column "VRA with power-iteration K" certifies gloronet's model the reference's way too
 (converged power iteration, no floating-point terms): the gap to its sound VRA is the price of
 soundness; for the reference it is its own VRA.
 
-Each (library, seed) run writes ``OUT/<dataset>-<lib>-e<epochs>-s<seed>.json`` when it finishes;
+Each (library, seed) run writes ``OUT/<dataset>-<lib>[-pi<N>]-e<epochs>-s<seed>.json`` when it finishes;
 finished runs are skipped, so an interrupted benchmark resumes (gloronet runs also resume
 mid-run from their run directory). Every run is pinned to one CPU thread.
 """
