@@ -145,7 +145,7 @@ def run_tf(args) -> dict:
           callbacks=[EpsilonScheduler(EPS_SCHEDULE, verbose=False), LrScheduler(LR_SCHEDULE, verbose=False), Timer()])
     out = g.predict(xte, batch_size=1000, verbose=0)  # [y, y_bot]; fit() ends by converging the iterates
     return {"clean": 100 * float(np.mean(out[:, :-1].argmax(1) == yte)), "vra": 100 * float(np.mean(out.argmax(1) == yte)),
-            "epoch_seconds": secs, "lipschitz": float(np.max(g.lipschitz_constant())),
+            "epoch_seconds": secs, "lipschitz": float(np.max(g.lipschitz_constant())),  # max pairwise K (gloronet: body L)
             "certificate": "power iteration (not a sound bound)", "power_iters": 5,
             "vra_power_iteration": 100 * float(np.mean(out.argmax(1) == yte)),
             "versions": {"tensorflow": tf.__version__, "gloro": gloro.__version__}}
