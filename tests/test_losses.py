@@ -444,3 +444,22 @@ def test_make_loss_spec_errors():
         make_loss(3)
     with pytest.raises(ValueError, match="takes no 'lam'"):
         GloroLoss("emma", lam=1.0)
+
+
+def test_trades_ce_robust_term_is_the_snapshot_crossentropy():
+    # ICML 2021 snapshot (klasleino/gloro snapshots/leino21_snapshot.zip, train_margin_models_clean.py
+    # MarginTradesLoss): CE(y, label) + lam * CategoricalCrossentropy(from_logits=True)([softmax(y), 0], [y, y_bot])
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    bottom = torch.cat([y, torch.randn(6, 1, generator=g, dtype=torch.float64)], 1)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    p = torch.cat([torch.softmax(y, 1), torch.zeros(6, 1, dtype=torch.float64)], 1)
+    expected = torch.nn.functional.cross_entropy(y, labels) + 0.7 * (-(p * torch.log_softmax(bottom, 1)).sum(1)).mean()
+    loss = make_loss({"name": "trades", "lam": 0.7, "robust": "ce"})
+    assert torch.allclose(loss(logits=y, bottom_logits=bottom, labels=labels), expected, rtol=1e-12, atol=0)
+    kl = make_loss({"name": "trades", "lam": 0.7})(logits=y, bottom_logits=bottom, labels=labels)
+    assert kl < expected  # the CE term adds the entropy of the clean prediction
+    with pytest.raises(ValueError, match="'kl' or 'ce'"):
+        make_loss({"name": "trades", "robust": "js"})
+    with pytest.raises(ValueError, match="only 'trades'"):
+        GloroLoss("emma", robust="ce")

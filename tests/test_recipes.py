@@ -58,3 +58,9 @@ def test_recipe_builds_and_steps(path):
                                       lam(1.0) if lam else None, cfg, torch.device("cpu"), relax)
     assert torch.isfinite(loss) and logits.shape == (2, info.num_classes) and bottom.shape == (2, info.num_classes + 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_header_names_its_source(path):
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(line.startswith("# Source:") for line in header), f"{path.name}: no '# Source:' line in the header"

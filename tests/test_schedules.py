@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gloronet.schedules import (
-    Constant, ExpDecay, LinearRamp, LogRamp, WarmupCosine, make_schedule,
+    Constant, ExpDecay, GeometricRamp, LinearRamp, LogLerpExpRamp, WarmupCosine, make_schedule,
 )
 
 TOTAL = 300
@@ -37,11 +37,11 @@ def test_linear_ramp_endpoints_monotone_and_hold():
     assert f(0) == 0.5 and f(250) == 20 and f(400) == 20
 
 
-def test_log_ramp_gloro_recipe():
+def test_geometric_ramp():
     eps = 1.58
-    s = make_schedule({"kind": "log", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5},
+    s = make_schedule({"kind": "geometric", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5},
                       total_epochs=TOTAL, base=eps)
-    assert isinstance(s, LogRamp)
+    assert isinstance(s, GeometricRamp)
     assert s(0) == pytest.approx(0.01 * eps, rel=1e-12)
     assert s(150) == pytest.approx(1.1 * eps, rel=1e-12)
     assert all(s(e) == s(150) for e in (150, 151.5, 300))
@@ -50,6 +50,31 @@ def test_log_ramp_gloro_recipe():
     # geometric: equal ratios in equal times; the midpoint is the geometric mean
     assert s(75) == pytest.approx(math.sqrt(s(0) * s(150)), rel=1e-12)
     assert s(30) / s(0) == pytest.approx(s(60) / s(30), rel=1e-12)
+
+
+def test_log_lerp_exp_is_gloros_log_transition():
+    # Reference formula, klasleino/gloro training/schedules.py::_log_interp:
+    #   np.log((np.exp(end) - np.exp(start)) / duration * i + np.exp(start))
+    eps = 0.3
+    s = make_schedule({"kind": "log_lerp_exp", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5},
+                      total_epochs=30, base=eps)
+    assert isinstance(s, LogLerpExpRamp)
+    a, b = 0.01 * eps, 1.1 * eps
+    for e in (0, 1, 3.5, 7, 14.99):
+        i, d = e, 15
+        assert s(e) == pytest.approx(np.log((np.exp(b) - np.exp(a)) / d * i + np.exp(a)), rel=1e-12)
+    assert s(15) == pytest.approx(b, rel=1e-12) and s(29) == s(15)
+    # printed from gloro 1.1.1 (PyPI): Schedule("[0.01]-log-[50%:1.1]", 30, 0.3).as_list()[7]; its
+    # list entry i is the value at i / 15 of the ramp
+    assert s(7) == pytest.approx(0.1689443087967604, rel=1e-12)
+    # concave and far above the geometric ramp in the middle (the old, ambiguous 'log')
+    g = make_schedule({"kind": "geometric", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5}, 30, eps)
+    assert s(7.5) > 0.5 * (a + b) > 4 * g(7.5)
+
+
+def test_old_log_kind_is_refused_with_the_new_names():
+    with pytest.raises(ValueError, match="'log' was removed.*log_lerp_exp.*geometric"):
+        make_schedule({"kind": "log", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5}, 30, 0.3)
 
 
 def test_cosine_warmup_is_linear_and_ends_at_final():
@@ -84,8 +109,8 @@ def test_exp_decay_gloro_lr():
 
 
 def test_repr_is_informative():
-    s = make_schedule({"kind": "log", "start": 0.01, "end": 1.0, "ramp_epochs": 10}, 20)
-    assert repr(s) == "LogRamp(start=0.01, end=1, ramp_epochs=10)"
+    s = make_schedule({"kind": "geometric", "start": 0.01, "end": 1.0, "ramp_epochs": 10}, 20)
+    assert repr(s) == "GeometricRamp(start=0.01, end=1, ramp_epochs=10)"
     assert "ExpDecay(" in repr(make_schedule({"kind": "exp_decay", "value": 1, "final": 0.1}, 5))
 
 
@@ -99,8 +124,12 @@ def test_repr_is_informative():
     ({"kind": "linear", "start": 0, "end": 1, "ramp_epochs": 5, "ramp_fraction": 0.5}, "not both"),
     ({"kind": "linear", "start": -1, "end": 1, "ramp_epochs": 5}, r"'start' must be finite and >= 0"),
     ({"kind": "linear", "start": 0, "end": "big", "ramp_epochs": 5}, r"'end' must be a number"),
-    ({"kind": "log", "start": 0, "end": 1, "ramp_epochs": 5}, "start > 0"),
-    ({"kind": "log", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5}, "no base"),
+    ({"kind": "geometric", "start": 0, "end": 1, "ramp_epochs": 5}, "start > 0"),
+    ({"kind": "log_lerp_exp", "start_factor": 0.01, "end_factor": 1.1, "ramp_fraction": 0.5}, "no base"),
+    ({"kind": "gloro", "schedule": "[0.01]-log-[50%:1.1]"}, "needs 'base'"),
+    ({"kind": "gloro", "schedule": "[0.01]-lg-[50%:1.1]", "base": 1}, "unknown transition '-lg-'"),
+    ({"kind": "gloro", "schedule": 3, "base": 1}, "must be a gloro schedule string"),
+    ({"kind": "gloro", "schedule": "[1]-[0.5]", "sched": 1, "base": 1}, "unknown key 'sched'"),
     ({"kind": "cosine", "warmup_epochs": 2}, r"missing key 'peak'"),
     ({"kind": "cosine", "peak": 1, "warmup_epochs": 200}, "warm-up"),
     ({"kind": "exp_decay", "value": 1e-3, "final": 0}, "final > 0"),
@@ -118,3 +147,15 @@ def test_bad_total_and_base():
         make_schedule(1.0, 0)
     with pytest.raises(ValueError, match="base"):
         make_schedule(None, 10)
+
+
+def test_log_lerp_exp_scaled_is_the_icml_snapshot_logarithmic_half():
+    # klasleino/gloro snapshots/leino21_snapshot.zip, train_margin_models_clean.py EpsilonScheduler
+    # 'logarithmic_half' with overcompensate_eps 1.1: per epoch i <= d//2,
+    #   1.1 * eps * np.log((np.exp(1.) - np.exp(0.01)) / (d // 2) * i + np.exp(0.01))
+    eps, d = 0.141, 800
+    s = make_schedule({"kind": "log_lerp_exp", "start": 0.01, "end": 1.0, "scale_factor": 1.1,
+                       "ramp_fraction": 0.5}, d, base=eps)
+    for i in (0, 1, 57, 200, 399, 400, 600):
+        ref = 1.1 * eps * np.log((np.exp(1.0) - np.exp(0.01)) / (d // 2) * min(i, d // 2) + np.exp(0.01))
+        assert s(i) == pytest.approx(ref, rel=1e-12)

@@ -198,3 +198,21 @@ def test_relaxed_training_and_cli_certify(tmp_path, data_dir, relax):
     assert cli.main(["certify", str(run), "--limit", "64", "-q", "--top-k", "4", "--out", str(tmp_path / "k4")]) == 0
     assert json.loads((tmp_path / "k4" / "certify.json").read_text())["relaxed"]["top_k"] == 4
     assert cli.main(["certify", str(run), "--limit", "8", "-q", "--affinity", "no-such-set"]) == 2
+
+
+def test_adamw_decouples_weight_decay_and_lookahead_takes_k():
+    from gloronet.optim import Lookahead, make_optimizer
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer([w], "adamw", weight_decay=0.1)
+    for g in opt.param_groups:
+        g["lr"] = 0.5
+    w.grad = torch.zeros(3)
+    opt.step()  # zero gradient: AdamW still shrinks w by lr * wd; Adam's L2 would move it by lr (sign)
+    assert torch.allclose(w.detach(), torch.full((3,), 1 - 0.5 * 0.1))
+    la = make_optimizer([torch.nn.Parameter(torch.ones(2))], "nadam", lookahead={"k": 6, "alpha": 0.5})
+    assert isinstance(la, Lookahead) and la.k == 6 and la.alpha == 0.5
+    assert make_optimizer([torch.nn.Parameter(torch.ones(2))], "adam", lookahead=True).k == 5
+    for bad in ({"k": 0}, {"steps": 3}, "yes"):
+        with pytest.raises(ValueError, match="lookahead"):
+            build_config(None, {"lookahead": bad})

@@ -38,10 +38,10 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 256
-    optimizer: str = "adam"  # adam | nadam
+    optimizer: str = "adam"  # adam | adamw | nadam
     lr: Any = 1e-3  # number or schedule spec
     weight_decay: float = 0.0
-    lookahead: bool = False
+    lookahead: Any = False  # true (k=5, alpha=0.5) | {k: 6, alpha: 0.5} (timm's default)
     grad_clip: float | None = None
     amp: str = "auto"  # auto (bf16 on CUDA when supported) | bf16 | off
     # run
@@ -72,8 +72,11 @@ class TrainConfig:
         if self.seed < 0 or self.train_vra_subset < 0:
             name = "seed" if self.seed < 0 else "train_vra_subset"
             raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)}")
-        if self.optimizer not in ("adam", "nadam"):
-            raise ValueError(f"optimizer must be 'adam' or 'nadam', got {self.optimizer!r}")
+        if self.optimizer not in ("adam", "adamw", "nadam"):
+            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'nadam', got {self.optimizer!r}")
+        from .optim import lookahead_args
+
+        lookahead_args(self.lookahead)
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -104,7 +107,7 @@ AUGMENT_KEYS = {"crop_padding", "flip"}
 _TYPES = {
     "dataset": "str", "data_dir": "str?", "train_limit": "int?", "test_limit": "int?", "augment": "dict",
     "model": "str", "model_args": "dict", "epsilon": "float", "degradation_defense": "bool", "top_k": "int?",
-    "epochs": "int", "batch_size": "int", "optimizer": "str", "weight_decay": "float", "lookahead": "bool",
+    "epochs": "int", "batch_size": "int", "optimizer": "str", "weight_decay": "float",
     "grad_clip": "float?", "amp": "str", "seed": "int", "device": "str", "eval_every": "int",
     "train_vra_subset": "int", "checkpoint_every": "int", "certify_epsilons": "list", "schedule_epochs": "int?",
     "tensorboard": "bool",

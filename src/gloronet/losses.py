@@ -225,6 +225,7 @@ def trades_loss(
     labels: Tensor,
     lam: float | Tensor = 1.0,
     reduction: str = "mean",
+    robust: str = "kl",
 ) -> Tensor:
     """GloRo-TRADES loss, as ``gloro.training.losses.Trades`` (klasleino/gloro, default
     ``robust_loss_string='kl_divergence'``, temperature 1) defines it for GloRo nets::
@@ -250,14 +251,23 @@ def trades_loss(
         labels: (B,) integer labels in ``[0, C)``.
         lam: the TRADES weight λ ≥ 0 (float or 0-d tensor, e.g. from a schedule).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        robust: ``"kl"`` (default) or ``"ce"``: the cross-entropy ``H(P, Q) = KL(P ‖ Q) + H(P)``
+            (gloro's ``robust_loss_string='crossentropy'``, ``trades_ce``; the ICML 2021 snapshot's
+            ``MarginTradesLoss`` behind the published MNIST and CIFAR-10 rows). The extra ``H(P)``
+            also rewards confident clean predictions.
     """
     _check_reduction(reduction)
     _check_clean_and_bottom(logits, bottom_logits)
     _check_nonneg_scalar(lam, "lam")
+    if robust not in ("kl", "ce"):
+        raise ValueError(f"TRADES robust term must be 'kl' or 'ce', got {robust!r}")
     labels = _check_labels(labels, logits.shape[0], logits.shape[1], "logits")
     dtype = _working_dtype(logits, bottom_logits)
     clean = F.cross_entropy(logits.to(dtype), labels, reduction="none")
     kl = trades_kl(logits, bottom_logits, reduction="none")
+    if robust == "ce":  # + H(P), P = softmax(y)
+        log_p = torch.log_softmax(logits.to(dtype), dim=1)
+        kl = kl - (log_p.exp() * log_p).sum(dim=1)
     return _reduce(clean + lam * kl, reduction)
 
 
@@ -337,7 +347,8 @@ _CANONICAL = {
 }
 LOSS_NAMES = tuple(_CANONICAL)
 _NEEDS = {"crossentropy": "bottom", "trades": "bottom+clean", "emma": "pairwise", "standard": "clean"}
-_ALLOWED_KEYS = {"crossentropy": ("name",), "trades": ("name", "lam"), "emma": ("name",), "standard": ("name",)}
+_ALLOWED_KEYS = {"crossentropy": ("name",), "trades": ("name", "lam", "robust"), "emma": ("name",),
+                 "standard": ("name",)}
 _DEFAULT_LAM = 1.0  # gloro's Trades default
 
 
@@ -357,18 +368,22 @@ class GloroLoss:
             architecture, data and loop (``gloronet privacy`` / ``overfit`` compare against it).
     """
 
-    def __init__(self, name: str, lam: float | None = None):
+    def __init__(self, name: str, lam: float | None = None, robust: str | None = None):
         if name not in _NEEDS:
             raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSS_NAMES)}")
         if name == "trades":
             lam = _DEFAULT_LAM if lam is None else lam
             _check_nonneg_scalar(lam, "lam")
             lam = float(lam)
-        elif lam is not None:
-            raise ValueError(f"loss {name!r} takes no 'lam'; only 'trades' does")
+            robust = "kl" if robust is None else robust
+            if robust not in ("kl", "ce"):
+                raise ValueError(f"TRADES 'robust' must be 'kl' or 'ce', got {robust!r}")
+        elif lam is not None or robust is not None:
+            raise ValueError(f"loss {name!r} takes no 'lam' or 'robust'; only 'trades' does")
         self.name = name
         self.needs = _NEEDS[name]
         self.lam = lam
+        self.robust = robust
 
     def __call__(
         self,
@@ -397,14 +412,14 @@ class GloroLoss:
                 _check_scores(bottom_logits, "bottom_logits", min_classes=3)
                 logits = bottom_logits[:, :-1]
             return trades_loss(
-                logits, bottom_logits, labels, self.lam if lam is None else lam, reduction
+                logits, bottom_logits, labels, self.lam if lam is None else lam, reduction, self.robust
             )
         return emma_loss(
             need(logits, "logits"), labels, need(K, "K"), need(epsilon, "epsilon"), reduction
         )
 
     def __repr__(self) -> str:
-        extra = f", lam={self.lam}" if self.lam is not None else ""
+        extra = f", lam={self.lam}, robust={self.robust!r}" if self.lam is not None else ""
         return f"GloroLoss(name={self.name!r}, needs={self.needs!r}{extra})"
 
 
@@ -423,7 +438,8 @@ def make_loss(spec: str | Mapping[str, Any] | GloroLoss) -> GloroLoss:
     ``spec`` is a name — ``"crossentropy"`` (alias ``"gloro_ce"``), ``"trades"``, ``"emma"``,
     ``"standard"`` (plain cross-entropy on the clean logits: the non-robust twin)
     (case-insensitive, ``-`` read as ``_``) — or a mapping ``{"name": ..., **options}``; the only
-    option is ``lam`` (TRADES λ, default 1.0). A :class:`GloroLoss` is returned unchanged.
+    options are TRADES' ``lam`` (λ, default 1.0) and ``robust`` (``kl``, default, or ``ce``).
+    A :class:`GloroLoss` is returned unchanged.
     Unknown names or keys raise ``ValueError`` listing the allowed ones.
     """
     if isinstance(spec, GloroLoss):
@@ -443,7 +459,7 @@ def make_loss(spec: str | Mapping[str, Any] | GloroLoss) -> GloroLoss:
             raise ValueError(
                 f"unknown key(s) {unknown} for loss {name!r}; allowed keys: {', '.join(allowed)}"
             )
-        return GloroLoss(name, lam=spec.get("lam"))
+        return GloroLoss(name, lam=spec.get("lam"), robust=spec.get("robust"))
     raise ValueError(
         f"loss spec must be a name ({', '.join(LOSS_NAMES)}) or a mapping with 'name', got "
         f"{type(spec).__name__}"

@@ -1,7 +1,10 @@
-"""Optimizers: Adam / NAdam, optionally wrapped in Lookahead.
+"""Optimizers: Adam / AdamW / NAdam, optionally wrapped in Lookahead.
 
 Lookahead (Zhang, Lucas, Hinton & Ba, NeurIPS 2019): every ``k`` inner steps the slow weights
-move ``φ ← φ + α(θ − φ)`` and the fast weights restart from them.
+move ``φ ← φ + α(θ − φ)`` and the fast weights restart from them. ``lookahead: true`` uses
+k = 5, α = 0.5 (the paper's); ``{k: 6, alpha: 0.5}`` is ``timm.optim.Lookahead``'s default, which
+hukkai/liresnet's CHORD recipes use. ``adam`` adds weight decay to the gradient (L2), ``adamw``
+decouples it (Loshchilov & Hutter), as the LiResNet snapshot's ``torch.optim.AdamW``.
 """
 from __future__ import annotations
 
@@ -42,9 +45,25 @@ class Lookahead:
             s.copy_(saved)
 
 
-def make_optimizer(params, name: str, weight_decay: float = 0.0, lookahead: bool = False):
-    """Adam or NAdam at lr 1.0 (the training loop sets the scheduled lr every step)."""
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam}
+
+
+def lookahead_args(lookahead) -> dict | None:
+    """``False``/``None`` -> None; ``True`` -> {}; ``{k, alpha}`` -> itself (validated)."""
+    if lookahead is None or lookahead is False:
+        return None
+    if lookahead is True:
+        return {}
+    if isinstance(lookahead, dict) and set(lookahead) <= {"k", "alpha"}:
+        k, alpha = lookahead.get("k", 5), lookahead.get("alpha", 0.5)
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 1 and isinstance(alpha, (int, float)) and 0 < alpha <= 1:
+            return dict(lookahead)
+    raise ValueError(f"lookahead must be true, false or {{k: int >= 1, alpha: (0, 1]}}, got {lookahead!r}")
+
+
+def make_optimizer(params, name: str, weight_decay: float = 0.0, lookahead=False):
+    """Adam, AdamW or NAdam at lr 1.0 (the training loop sets the scheduled lr every step)."""
     params = list(params)
-    cls = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}[name]
-    opt = cls(params, lr=1.0, weight_decay=weight_decay)
-    return Lookahead(opt) if lookahead else opt
+    opt = OPTIMIZERS[name](params, lr=1.0, weight_decay=weight_decay)
+    la = lookahead_args(lookahead)
+    return opt if la is None else Lookahead(opt, **la)

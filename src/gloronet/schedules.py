@@ -6,16 +6,21 @@ Build one from a plain config value with :func:`make_schedule`::
 
     make_schedule(0.3, total_epochs=500)                        # constant 0.3
     make_schedule(None, total_epochs=500, base=0.45)            # constant base
-    make_schedule({"kind": "log", "start_factor": 0.01, "end_factor": 1.1,
-                   "ramp_fraction": 0.5}, total_epochs=300, base=1.58)   # GloRo ε ramp
+    make_schedule({"kind": "log_lerp_exp", "start_factor": 0.01, "end_factor": 1.1,
+                   "ramp_fraction": 0.5}, total_epochs=300, base=1.58)   # gloro's "-log-" ramp
+    make_schedule({"kind": "gloro", "schedule": "[0.01]-log-[50%:1.1]"},
+                  total_epochs=300, base=1.58)    # the reference string, step for step
     make_schedule({"kind": "exp_decay", "value": 1e-3, "final": 1e-6,
                    "decay_start_fraction": 0.5}, total_epochs=300)        # GloRo lr
 
 Keys per ``kind`` (``a | b``: give exactly one; ``[...]``: optional, default shown)::
 
     constant   value | value_factor
-    linear     start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
-    log        start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
+    linear        start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
+    log_lerp_exp  start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction,
+                  [scale = 1 | scale_factor]
+    geometric     start | start_factor,  end | end_factor,  ramp_epochs | ramp_fraction
+    gloro         schedule (a klasleino/gloro schedule string),  [base]  (see schedule_strings)
     cosine     peak | peak_factor,  [warmup_epochs | warmup_fraction = 0],
                [warmup_start = 0],  [final = 0 | final_factor]
     exp_decay  value | value_factor,  final | final_factor,
@@ -28,8 +33,21 @@ Meaning of the keys:
 * ``final_factor`` is relative to the level being decayed from: ``peak`` (cosine) or
   ``value`` (exp_decay), e.g. "cosine to 1e-5·lr" is ``final_factor: 1.0e-5``.
 * ``*_epochs`` / ``decay_start`` are in epochs; ``*_fraction`` are fractions of ``total_epochs``.
-* All values must be finite and ``>= 0``; ``log`` needs ``start, end > 0`` and ``exp_decay``
-  needs ``value, final > 0`` (geometric interpolation).
+* All values must be finite and ``>= 0``; ``geometric`` needs ``start, end > 0`` and
+  ``exp_decay`` needs ``value, final > 0``.
+
+Ramps, ``t = clamp(e / ramp_epochs, 0, 1)``, held at ``end`` afterwards:
+
+* ``linear``: ``start + (end - start) t``.
+* ``log_lerp_exp``: ``scale · log((1 - t) e^start + t e^end)``: klasleino/gloro's ``-log-``
+  transition (``gloro/training/schedules.py::_log_interp``, scale 1, absolute levels). Concave;
+  for levels below 1 nearly linear. The ICML 2021 snapshot's ``logarithmic_half`` applies it to
+  factors and scales after: ``{start: 0.01, end: 1.0, scale_factor: 1.1}`` (× base).
+* ``geometric``: ``start (end / start)^t``: gloro's ``-exp-`` transition (``_exp_interp``).
+
+The kind ``log`` is refused: it used to mean ``geometric`` here, the opposite of gloro's ``-log-``.
+These kinds are continuous in the fractional epoch. ``gloro`` reproduces the reference library's
+per-epoch list and its per-batch interpolation exactly (:mod:`gloronet.schedule_strings`).
 """
 
 from __future__ import annotations
@@ -41,7 +59,8 @@ __all__ = [
     "Schedule",
     "Constant",
     "LinearRamp",
-    "LogRamp",
+    "LogLerpExpRamp",
+    "GeometricRamp",
     "WarmupCosine",
     "ExpDecay",
     "make_schedule",
@@ -88,13 +107,29 @@ class LinearRamp(Schedule):
         return (1.0 - t) * self.start + t * self.end  # exact at both ends
 
 
-class LogRamp(Schedule):
+class LogLerpExpRamp(Schedule):
+    """gloro's ``-log-`` ramp ``s(e) = scale · log((1 - t) e^start + t e^end)``,
+    ``t = clamp(e / ramp_epochs, 0, 1)``; held at ``scale · end`` afterwards (klasleino/gloro
+    ``training/schedules.py::_log_interp``)."""
+
+    def __init__(self, start: float, end: float, ramp_epochs: float, scale: float = 1.0):
+        self.start, self.end, self.ramp_epochs = float(start), float(end), float(ramp_epochs)
+        self.scale = float(scale)
+
+    def __call__(self, epoch: float) -> float:
+        t = _progress(epoch, 0.0, self.ramp_epochs)
+        if t >= 1.0:
+            return self.scale * self.end
+        return self.scale * math.log((1.0 - t) * math.exp(self.start) + t * math.exp(self.end))
+
+
+class GeometricRamp(Schedule):
     """Geometric ramp ``s(e) = start · (end / start) ** t``, ``t = clamp(e / ramp_epochs, 0, 1)``;
-    held at ``end`` afterwards. Equal ratios in equal times: linear in ``log s``."""
+    held at ``end`` afterwards. Equal ratios in equal times (gloro's ``-exp-`` transition)."""
 
     def __init__(self, start: float, end: float, ramp_epochs: float):
         if start <= 0 or end <= 0:
-            raise ValueError(f"LogRamp needs start > 0 and end > 0, got start={start}, end={end}")
+            raise ValueError(f"GeometricRamp needs start > 0 and end > 0, got start={start}, end={end}")
         self.start, self.end, self.ramp_epochs = float(start), float(end), float(ramp_epochs)
 
     def __call__(self, epoch: float) -> float:
@@ -143,7 +178,10 @@ class ExpDecay(Schedule):
 SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
     "constant": ("value", "value_factor"),
     "linear": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction"),
-    "log": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction"),
+    "log_lerp_exp": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction",
+                     "scale", "scale_factor"),
+    "geometric": ("start", "start_factor", "end", "end_factor", "ramp_epochs", "ramp_fraction"),
+    "gloro": ("schedule", "base"),
     "cosine": ("peak", "peak_factor", "warmup_epochs", "warmup_fraction", "warmup_start",
                "final", "final_factor"),
     "exp_decay": ("value", "value_factor", "final", "final_factor",
@@ -221,20 +259,41 @@ def make_schedule(spec: Any, total_epochs: int, base: float | None = None) -> Sc
         raise ValueError(f"schedule spec must be a number or a dict with 'kind', got {spec!r}")
     spec = dict(spec)
     kind = spec.pop("kind", None)
+    if kind == "log":
+        raise ValueError(
+            "schedule kind 'log' was removed because it was ambiguous: it meant a geometric ramp, "
+            "while klasleino/gloro's '-log-' is log(lerp(exp(start), exp(end))). Use kind "
+            "'log_lerp_exp' for gloro's curve, 'geometric' for start·(end/start)^t, or kind 'gloro' "
+            "with the reference schedule string")
     if kind not in SCHEDULE_KEYS:
         raise ValueError(f"schedule 'kind' must be one of {', '.join(SCHEDULE_KEYS)}; got {kind!r}")
     s = _Spec(kind, spec, float(total_epochs), base)
 
     if kind == "constant":
         return Constant(s.level("value"))
-    if kind in ("linear", "log"):
+    if kind == "gloro":
+        from .schedule_strings import GloroStringSchedule
+
+        text = spec.get("schedule")
+        if not isinstance(text, str):
+            s.fail(f"key 'schedule' must be a gloro schedule string, got {text!r}")
+        ref = s.number("base") if "base" in spec else base
+        if ref is None:
+            s.fail("needs 'base' (the value the string's numbers multiply), and none was given")
+        try:
+            return GloroStringSchedule(text, int(total_epochs), ref)
+        except ValueError as e:
+            s.fail(str(e))
+    if kind in ("linear", "log_lerp_exp", "geometric"):
         start, end = s.level("start"), s.level("end")
         ramp = s.epochs("ramp_epochs", "ramp_fraction")
         if kind == "linear":
             return LinearRamp(start, end, ramp)
+        if kind == "log_lerp_exp":
+            return LogLerpExpRamp(start, end, ramp, s.level("scale", default=1.0))
         if start <= 0 or end <= 0:
-            s.fail(f"a log ramp needs start > 0 and end > 0 (got start={start:g}, end={end:g})")
-        return LogRamp(start, end, ramp)
+            s.fail(f"a geometric ramp needs start > 0 and end > 0 (got start={start:g}, end={end:g})")
+        return GeometricRamp(start, end, ramp)
     if kind == "cosine":
         peak = s.level("peak")
         warmup = s.epochs("warmup_epochs", "warmup_fraction", default=0.0)
