@@ -3,7 +3,8 @@
 Every oracle here is independent of ``gloronet.bounds``: operators are materialised by feeding
 impulses through the layer's own ``forward`` (in a float64 copy, bias removed by subtracting the
 response to zero), norms come from a full SVD (``torch.linalg.matrix_norm(A, 2)``), and
-adjoints come from autograd, never from ``bounds.conv2d_adjoint``.
+adjoints come from autograd, never from ``bounds.conv2d_adjoint``. :func:`train_briefly` is the
+small GloRo training loop the attack tests share.
 """
 from __future__ import annotations
 
@@ -81,3 +82,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def train_briefly(net, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator):
+    """``steps`` Adam steps of the GloRo cross-entropy on random minibatches of ``(x, y)`` (indices
+    drawn from ``gen``); returns ``net`` in eval mode."""
+    from gloronet.losses import gloro_cross_entropy
+
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for _ in range(steps):
+        i = torch.randint(0, x.shape[0], (batch,), generator=gen)
+        loss = gloro_cross_entropy(net.bottom_logits(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gloronet
-from gloronet.losses import gloro_cross_entropy
+
+from conftest import train_briefly
 
 
 def _blobs(n: int, gen: torch.Generator):
@@ -54,14 +54,7 @@ def test_pgd_finds_nothing_inside_certified_radius():
     )
     net = gloronet.GloroNet(body, gloronet.nn.LipLinear(32, 3), epsilon=0.3)
     x, y = _blobs(512, gen)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for step in range(150):
-        i = torch.randint(0, len(x), (64,), generator=gen)
-        loss = gloro_cross_entropy(net.bottom_logits(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    train_briefly(net, x, y, 150, 64, 3e-3, gen)
     xt, yt = _blobs(200, gen)
     cert = net.certify(xt)
     ok = cert.certified & (cert.pred == yt)
@@ -125,16 +118,7 @@ def test_pgd_on_registry_2c2f_finds_nothing_inside_certified_radius():
     x_train, y_train = _subspace_blobs(2000, gen, basis)
     x_test, y_test = _subspace_blobs(100, gen, basis)
     torch.manual_seed(0)
-    net = gloronet.models.create("2c2f", (1, H, H), 3, epsilon=0.5)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    net.train()
-    for _ in range(250):
-        idx = torch.randint(0, x_train.shape[0], (128,), generator=gen)
-        loss = F.cross_entropy(net.bottom_logits(x_train[idx]), y_train[idx])  # label never ⊥
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    net = train_briefly(gloronet.models.create("2c2f", (1, H, H), 3, epsilon=0.5), x_train, y_train, 250, 128, 2e-3, gen)
     for p in net.parameters():
         p.requires_grad_(False)
 

@@ -38,8 +38,9 @@ import torch
 
 import gloronet
 from gloronet.data import DatasetNotFoundError, load_dataset
-from gloronet.losses import gloro_cross_entropy
 from gloronet.nn import Flatten, LipLinear, MinMax, Normalize, Sequential
+
+from conftest import train_briefly
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -521,16 +522,7 @@ def test_registry_2c2f_briefly_trained(mnist):
         xtr, ytr = torch.rand(512, 1, 28, 28, generator=gen), torch.randint(0, 10, (512,), generator=gen)
     xte = _test_images(mnist, 96, 6)
     torch.manual_seed(0)
-    net = gloronet.models.create("2c2f", (1, 28, 28), 10, epsilon=0.3)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(40):
-        i = torch.randint(0, xtr.shape[0], (64,), generator=gen)
-        loss = gloro_cross_entropy(net.bottom_logits(xtr[i]), ytr[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    net = train_briefly(gloronet.models.create("2c2f", (1, 28, 28), 10, epsilon=0.3), xtr, ytr, 40, 64, 3e-3, gen)
     for p in net.parameters():
         p.requires_grad_(False)
     pts = _near_boundary(net, xte[:32], 12, _gen(51), offsets=range(2, 40, 6))
