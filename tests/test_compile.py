@@ -84,3 +84,16 @@ def test_conv_size_check_without_tensor_reads():
     conv.input_size.copy_(torch.tensor([8, 8]))
     with pytest.raises(ValueError, match="mirrors the size"):
         conv.lipschitz_bound()
+
+
+def test_layers_run_where_torch_compiler_has_no_is_compiling(monkeypatch):
+    """torch < 2.3 has no ``torch.compiler.is_compiling``: the eval forward, the training step and
+    certification must go through ``gloronet.tracing`` (dynamo's flag) and still run."""
+    net, shape = _net("liresnet")
+    x = torch.rand(4, *shape)
+    monkeypatch.delattr(torch.compiler, "is_compiling")
+    F.cross_entropy(net.train().bottom_logits(x), torch.zeros(4, dtype=torch.long)).backward()
+    net.eval()
+    with torch.no_grad():
+        assert torch.isfinite(net(x)).all()
+    assert net.certify(x).radius.shape == (4,)

@@ -34,6 +34,7 @@ from .nn.base import (
 )
 from .nn.linear import LipLinear
 from .nn.state import MapState, map_tensors
+from .tracing import is_compiling
 
 
 def check_epsilon(epsilon) -> float:
@@ -187,7 +188,7 @@ class GloroNet(nn.Module):
         """Logits. In eval mode this is exactly the program certificates describe: IEEE float32 /
         float64 kernels that sum products (:func:`gloronet.fp.sound_kernels`), no autocast —
         whatever the global settings. Training mode runs with the caller's settings."""
-        if self.training or _compiling():  # a compiler traces the ops; the runtime sets kernels
+        if self.training or is_compiling():  # a compiler traces the ops; the runtime sets kernels
             return self.head(self.body(x))
         with fp.sound_kernels(), fp.no_autocast(x.device.type):
             return self.head(self.body(x))
@@ -364,11 +365,6 @@ class GloroNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 def _cast_shift(x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor | None:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import is_compiling
+
 __all__ = [
     "gloro_cross_entropy",
     "standard_cross_entropy",
@@ -57,19 +59,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 # --------------------------------------------------------------------------- validation helpers
-
-
-def _is_compiling() -> bool:
-    """True while torch.compile / dynamo traces us (data-dependent checks are skipped then)."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    try:  # torch < 2.3
-        import torch._dynamo as dynamo
-
-        return bool(dynamo.is_compiling())
-    except Exception:  # pragma: no cover - very old / stripped builds
-        return False
 
 
 def _check_reduction(reduction: str) -> None:
@@ -118,7 +107,7 @@ def _check_labels(labels: Any, batch: int, num_classes: int, what: str) -> Tenso
     labels = labels.long()
     # Out-of-range labels would be a device-side assert on CUDA (unrecoverable); check eagerly.
     # This needs a host sync, so it is skipped inside torch.compile graphs.
-    if batch > 0 and not _is_compiling():
+    if batch > 0 and not is_compiling():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import fp
+from ..tracing import is_compiling
 
 # Stateless torch modules whose L2 Lipschitz constant is known exactly.
 _KNOWN_ONE_LIPSCHITZ = (nn.Identity, nn.Flatten, nn.ReLU)
@@ -181,7 +182,7 @@ class EvalCache:
         """The cached ``compute()`` while ``sources`` (tensors) and ``key`` (plain values such as
         ``depth`` or ``eps``) equal those it was computed from; recomputed otherwise. While
         ``torch.compile`` / ``torch.export`` trace, the graph computes it (no data-dependent check)."""
-        if torch.compiler.is_compiling():
+        if is_compiling():
             with torch.no_grad():
                 return compute()
         if self._sources is not None and self._key == key and len(self._sources) == len(sources) and all(

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fp
+from ..tracing import is_compiling
 from ..bounds import dense_norm_bound, mul_up, power_iteration_dense
 from . import accumulate
 from .activation import MinMax
@@ -170,7 +171,7 @@ class _CholeskyLayer(LipschitzModule):
         if not self.training:
             return self._applied_weight()
         w = self.compute_weight()
-        if not torch.compiler.is_compiling() and torch.is_grad_enabled():
+        if not is_compiling() and torch.is_grad_enabled():
             self._step_cache = (self._versions(), w)
         return w
 
@@ -180,7 +181,7 @@ class _CholeskyLayer(LipschitzModule):
         cache, self._step_cache = self._step_cache, None
         if (
             cache is not None
-            and not torch.compiler.is_compiling()
+            and not is_compiling()
             and torch.is_grad_enabled()
             and cache[1].requires_grad
             and cache[0] == self._versions()
