@@ -357,7 +357,7 @@ class GloroNet(nn.Module):
         if self.input_range is None or not torch.is_tensor(x) or not x.is_floating_point() or x.numel() == 0:
             return None
         lo, hi = self.input_range
-        x_lo, x_hi = float(x.min()), float(x.max())
+        x_lo, x_hi = (float(v) for v in torch.aminmax(x.detach()))
         if lo <= x_lo and x_hi <= hi:
             return None
         return (f"inputs span [{x_lo:.4g}, {x_hi:.4g}] but the model was trained on inputs in [{lo:g}, {hi:g}]"
