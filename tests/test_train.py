@@ -171,8 +171,10 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):
     ("train_epsilon", {"kind": "log", "start_factor": 0.01, "end_factor": 1.0, "ramp_fraction": 0.5}),
     ("lr", {"kind": "cosine"}),
     ("loss", {"name": "no-such-loss"}),
+    ("affinity", "no-such-affinity"),
+    ("top_k", 11),
 ])
-def test_bad_schedule_or_loss_fails_before_any_data_is_read(tmp_path, monkeypatch, key, spec):
+def test_bad_spec_fails_before_any_data_is_read(tmp_path, monkeypatch, key, spec):
     """A bad spec is refused before the (missing, here) dataset is looked for, and leaves no run."""
     for var in ("GLORONET_DATA", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)

@@ -107,7 +107,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     elif rank == 0:
         check_new_run(out)
     tb = _TensorBoard(out) if cfg.tensorboard and rank == 0 else None
-    # schedules and loss first: a bad spec fails before any data is loaded
+    # specs first: a bad schedule, loss, dataset name or relaxation fails before any data is loaded
+    info = data.dataset_info(cfg.dataset)
+    relax = make_relaxation(info.num_classes, cfg.top_k, cfg.affinity)
     horizon = cfg.schedule_epochs or cfg.epochs  # an extended run keeps its original schedule
     lr_at = make_schedule(cfg.lr, horizon)
     eps_at = make_schedule(cfg.train_epsilon, horizon, base=cfg.epsilon * (2 if cfg.degradation_defense else 1))
@@ -115,14 +117,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     loss_fn = make_loss(cfg.loss)
 
     torch.manual_seed(cfg.seed)
-    info = data.dataset_info(cfg.dataset)
     x_train, y_train = data.load_dataset(info.name, "train", cfg.data_dir, cfg.train_limit, dtype=torch.uint8)
     x_test, y_test = data.load_dataset(info.name, "test", cfg.data_dir, cfg.test_limit, dtype=torch.uint8)
     augment = data.Augment(**cfg.augment) if cfg.augment else None
     loader = data.GPULoader(x_train, y_train, cfg.batch_size // world, augment=augment, device=device,
                             seed=cfg.seed, rank=rank, world_size=world)
 
-    relax = make_relaxation(info.num_classes, cfg.top_k, cfg.affinity)
     net = models.create(cfg.model, info.in_shape, info.num_classes, cfg.epsilon, **cfg.model_args).to(device)
     net.input_range = data.INPUT_RANGE
     net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
