@@ -10,8 +10,9 @@ where ``ε·K_ji`` is the product of ε and the sound float64 constants of
 certified by the export iff ``y_j > bottom_logit_exact`` strictly.
 
 **What that promises** — it is the GloRo paper's *real-arithmetic* test on the logits the runtime
-computed, i.e. ``net.certify(x, arithmetic="exact")``: sound for the exact real-valued network
-only up to the rounding of those logits. It is NOT the floating-point-sound certificate of
+computed, i.e. ``net.certify(x, arithmetic="exact")``, but evaluated in the model's dtype: the
+sum ``y_i + ε·K_ji`` is rounded to nearest (``certify`` rounds it up in float64), so on a near tie
+the export may certify by an ulp what ``certify(..., arithmetic="exact")`` does not. It is NOT the floating-point-sound certificate of
 ``net.certify(x)`` (default ``arithmetic="float"``), whose margin allowance depends on the
 activations at ``x`` and on the kernels, which another runtime does not promise to keep. A point
 ``certify(x)`` certifies has a margin that clears ``ε·K`` by more than the rounding allowance of
@@ -91,7 +92,8 @@ def model_card(net: GloroNet, fmt: str, path: Path, training: dict | None = None
                     "bottom_logit_exact": "(B, 1) max over i != j of y_i + eps*K_ji, j = argmax(logits); eps*K frozen, "
                                           "rounded up"},
         "certificate": "certified iff max(logits) > bottom_logit_exact: the GloRo real-arithmetic test on the logits the "
-                       "runtime computed (gloronet certify --arithmetic exact), NOT the floating-point-sound certificate "
+                       "runtime computed (gloronet certify --arithmetic exact), with y_i + eps*K_ji rounded to nearest in the "
+                       "model's dtype, NOT the floating-point-sound certificate "
                        "of gloronet certify (stricter: what it certifies, this test certifies too, up to the runtime's "
                        "rounding)",
         **({"opset": OPSET} if fmt == "onnx" else {}),
