@@ -61,6 +61,47 @@ def test_minmax_is_one_lipschitz(shape):
     assert mm.lipschitz_bound() >= 1.0 and float(mm.lipschitz()) == 1.0
 
 
+def test_minmax_training_gradient_routes_to_the_chosen_input():
+    """The one-mask backward (training path) equals autograd's max/min backward away from ties and,
+    at ties, hands each output's gradient whole to one input (so the input gradient is a
+    permutation of the output gradient); forward values equal the no-grad path exactly."""
+    g = _gen(2)
+    x = torch.randn(8, 6, 5, 3, generator=g, dtype=torch.float64)
+    x[:, 0] = x[:, 3]  # exact ties in one channel pair
+    up = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    xa = x.clone().requires_grad_()
+    out = MinMax()(xa)
+    with torch.no_grad():
+        assert torch.equal(out, MinMax()(x))
+    out.backward(up)
+    a, b = x.detach().chunk(2, dim=1)
+    ref_x = x.clone().requires_grad_()
+    ra, rb = ref_x.chunk(2, dim=1)
+    torch.cat([torch.maximum(ra, rb), torch.minimum(ra, rb)], dim=1).backward(up)
+    untied = torch.cat([a != b, a != b], dim=1)
+    assert torch.equal(xa.grad[untied], ref_x.grad[untied])
+    g_hi, g_lo = up.chunk(2, dim=1)
+    ga, gb = xa.grad.chunk(2, dim=1)
+    assert torch.equal(ga[:, 0], g_hi[:, 0]) and torch.equal(gb[:, 0], g_lo[:, 0])  # a >= b picks a as the max
+    torch.autograd.gradcheck(MinMax(), (torch.randn(3, 4, 2, generator=g, dtype=torch.float64, requires_grad=True),))
+
+
+def test_lipconv_training_forward_equals_the_padded_map():
+    """Training-mode LipConv2d (padding inside the kernel when symmetric, bias fused) computes the
+    layer's map ``conv2d_apply`` + bias, for symmetric and asymmetric 'same' padding and 'valid'."""
+    from gloronet.bounds import conv2d_apply
+
+    g = _gen(3)
+    for k, s, hw, padding in [(3, 1, (9, 7), "same"), (4, 2, (8, 8), "same"), (4, 1, (6, 6), "same"),
+                              (3, 2, (7, 9), "same"), (3, 1, (6, 5), "valid"), (3, 1, (6, 5), 2)]:
+        conv = LipConv2d(2, 4, k, stride=s, padding=padding, input_size=hw).double()
+        with torch.no_grad():
+            conv.bias.normal_(generator=g)
+        x = torch.randn(3, 2, *hw, generator=g, dtype=torch.float64)
+        ref = conv2d_apply(x, conv.weight, s, conv.pads(hw)) + conv.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(conv.train()(x), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_minmax_rejects_odd_channels():
     """MinMax needs an even channel count in dim 1 (else it would silently drop a channel)."""
     with pytest.raises(ValueError):

@@ -278,5 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``gloronet`` program: :func:`main` after the process-wide allocator setting that a
+    program (not a library call) may choose (:func:`gloronet.allocator.reuse_freed_memory`)."""
+    from .allocator import reuse_freed_memory
+
+    reuse_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

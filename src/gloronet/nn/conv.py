@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import fp
@@ -117,7 +118,10 @@ class LipConv2d(LipschitzModule):
             )
         if not self.training:
             return accumulate.conv2d(x, self.weight, self.bias, self.stride, self.pads(hw), self.groups)
-        out = conv2d_apply(x, self.weight, self.stride, self.pads(hw), self.groups)
+        left, right, top, bottom = self.pads(hw)
+        if left == right and top == bottom:  # zero padding inside the kernel: no padded copy, bias fused
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), groups=self.groups)
+        out = conv2d_apply(x, self.weight, self.stride, (left, right, top, bottom), self.groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def _require_input_size(self) -> tuple[int, int]:
