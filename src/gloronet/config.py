@@ -6,55 +6,67 @@ see :mod:`gloronet.schedules` and :mod:`gloronet.losses`). Unknown keys are erro
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
+
+
+def _key(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):
+    """A config key with its default and its one-line description (``gloronet train --help``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    train_limit: int | None = None  # use the first N training examples (quick runs, tests)
-    test_limit: int | None = None
-    augment: dict = field(default_factory=dict)  # {crop_padding: 4, flip: true}
+    dataset: str = _key("mnist", "mnist | fashion-mnist | cifar10 | cifar100 | tiny-imagenet | imagenet")
+    data_dir: str | None = _key(None, "folder holding <dataset>/ (or the dataset folder itself); it must exist. "
+                                      "Default: $GLORONET_DATA, then ~/.cache/gloronet (README: Datasets)")
+    train_limit: int | None = _key(None, "train on the first N training images only (quick runs, tests); null: all")
+    test_limit: int | None = _key(None, "validate on the first N test images only; null: all")
+    augment: dict = _key(help="random crop and flip, e.g. {crop_padding: 4, flip: true}; {}: none", factory=dict)
     # model
-    model: str = "2c2f"
-    model_args: dict = field(default_factory=dict)  # e.g. {head: lln, power_iters: 1}
+    model: str = _key("2c2f", "architecture (gloronet models lists them)")
+    model_args: dict = _key(help="extra arguments of the architecture, e.g. {head: lln, power_iters: 1}", factory=dict)
     # robustness
-    epsilon: float = 0.3  # target ε: validation and certification always use it
-    train_epsilon: Any = None  # schedule spec, factors relative to `epsilon`; default: constant ε
-    degradation_defense: bool = False  # train for 2ε (factors of train_epsilon apply to 2ε) while
-    # certifying at ε: ε-perturbations cannot make a point certified at 2ε abstain (Mangal et al.)
-    top_k: int | None = None  # relaxed top-K (RTK) GloRo: train and certify the top-k set, k <= top_k
-    affinity: Any = None  # affinity GloRo: list of class lists, a named set or a file (gloronet.relaxed)
-    loss: Any = "crossentropy"  # crossentropy | trades | emma | {name: trades, lam: 1.5}
-    trades_lam: Any = None  # schedule spec for TRADES λ (overrides the loss's lam)
+    epsilon: float = _key(0.3, "target L2 radius ε: validation and certification always use it")
+    train_epsilon: Any = _key(None, "ε schedule for training, factors relative to epsilon "
+                                    "(gloronet.schedules); null: constant epsilon")
+    degradation_defense: bool = _key(False, "train for 2ε while certifying at ε, so ε-perturbations cannot make a "
+                                            "point certified at 2ε abstain (Mangal et al.)")
+    top_k: int | None = _key(None, "relaxed top-K (RTK) GloRo: train and certify the top-k set, k <= top_k")
+    affinity: Any = _key(None, "affinity GloRo: a list of class lists, a named set (cifar100-superclasses, "
+                               "fashion-mnist-groups) or a YAML/JSON file")
+    loss: Any = _key("crossentropy", "crossentropy | trades | emma | standard (non-robust twin) | "
+                                     "{name: trades, lam: 1.5}")
+    trades_lam: Any = _key(None, "schedule of the TRADES λ (overrides the loss's lam); null: the loss's own")
     # optimisation
-    epochs: int = 10
-    batch_size: int = 256
-    optimizer: str = "adam"  # adam | adamw | nadam
-    lr: Any = 1e-3  # number or schedule spec
-    weight_decay: float = 0.0
-    lookahead: Any = False  # true (k=5, alpha=0.5) | {k: 6, alpha: 0.5} (timm's default)
-    grad_clip: float | None = None
-    amp: str = "auto"  # auto (bf16 on CUDA when supported) | bf16 | off
+    epochs: int = _key(10, "training epochs (--resume --epochs=N extends a run on its original schedule)")
+    batch_size: int = _key(256, "images per step (over all processes)")
+    optimizer: str = _key("adam", "adam | adamw | nadam")
+    lr: Any = _key(1e-3, "learning rate: a number or a schedule mapping (gloronet.schedules)")
+    weight_decay: float = _key(0.0, "weight decay (decoupled for adamw)")
+    lookahead: Any = _key(False, "Lookahead: true (k=5, alpha=0.5) or {k: 6, alpha: 0.5}")
+    grad_clip: float | None = _key(None, "clip the gradient norm to this value; null: no clipping")
+    amp: str = _key("auto", "auto (bf16 on CUDA when supported) | bf16 | off")
     # run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    eval_every: int = 1
-    train_vra_subset: int = 0  # > 0: also certify the first N training images at each eval epoch
-    # (log.csv columns train_subset_acc / train_subset_vra; robust overfitting, `gloronet overfit`)
-    checkpoint_every: int = 1
-    certify_epsilons: list = field(default_factory=list)  # extra ε for the final report
-    schedule_epochs: int | None = None  # length of the lr / ε / λ schedules (default: epochs); set
-    # on resume with a larger --epochs, so the extension keeps the original run's schedule
-    tensorboard: bool = False  # also log each epoch to <run>/tensorboard (extra `tensorboard`)
+    seed: int = _key(0, "seed of the initialisation, data order and augmentation")
+    device: str = _key("auto", "auto | cpu | cuda | cuda:N")
+    eval_every: int = _key(1, "certify the test images every N epochs (and after the last)")
+    train_vra_subset: int = _key(0, "> 0: also certify the first N training images at each evaluation (log.csv "
+                                    "train_subset_acc / train_subset_vra; gloronet overfit)")
+    checkpoint_every: int = _key(1, "write model and state.pt every N epochs (and after the last)")
+    certify_epsilons: list = _key(help="extra ε values for the final report", factory=list)
+    schedule_epochs: int | None = _key(None, "length of the lr / ε / λ schedules; null: epochs (set by --resume "
+                                             "with a larger --epochs, so an extension keeps the original schedule)")
+    tensorboard: bool = _key(False, "also log each epoch to <run>/tensorboard (extra `tensorboard`)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,6 +114,7 @@ class TrainConfig:
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 DEFAULTS = TrainConfig().to_dict()
+DESCRIPTIONS = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
 AUGMENT_KEYS = {"crop_padding", "flip"}
 # the type every value must have after parsing: int, float, bool, str, dict, list; "?" = or null
 _TYPES = {
@@ -204,5 +217,17 @@ def build_config(path: str | Path | None = None, overrides: list[str] | dict | N
     values.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or [])))
     unknown = sorted(set(values) - FIELDS)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(FIELDS))}")
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}unknown config key{'s' if len(unknown) > 1 else ''} "
+                         + ", ".join(f"{k!r}{did_you_mean(k, FIELDS)}" for k in unknown)
+                         + "; `gloronet train --help` lists every key")
     return TrainConfig(**_typed(values)).validate()
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'epochs'?)`` (options keep their dashes: ``--resume``) for the closest of
+    ``choices`` (difflib), or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {close[0] if close[0].startswith('-') else repr(close[0])}?)"
