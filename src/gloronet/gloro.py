@@ -308,8 +308,11 @@ class GloroNet(nn.Module):
         radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus the
         cast to the model's dtype; 0 for non-finite inputs, logits or bounds)."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
-            raise ValueError(f"certify expects a floating-point batch tensor (B, ...), got {type(x).__name__} "
-                             f"{tuple(x.shape) if torch.is_tensor(x) else ''}")
+            got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
+            todo = (": convert uint8 pixels with x.float() / 255 (gloronet.certify.certify_dataset takes uint8 as is)"
+                    if torch.is_tensor(x) and x.dtype == torch.uint8 else "")
+            raise ValueError(f"certify expects a floating-point batch tensor (B, ...) in the model's input range, got "
+                             f"{got}{todo}")
         bounds = self._sound_bounds()
         device = next(iter(self.parameters())).device
         xc = x.to(device=device, dtype=bounds.dtype, copy=True)
@@ -357,6 +360,9 @@ class GloroNet(nn.Module):
         if self.input_range is None or not torch.is_tensor(x) or not x.is_floating_point() or x.numel() == 0:
             return None
         lo, hi = self.input_range
+        rows = torch.isfinite(x.detach().reshape(len(x) if x.dim() > 1 else 1, -1)).all(dim=1)
+        if not bool(rows.all()):
+            return f"inputs hold NaN or Inf values ({int((~rows).sum())} of {len(rows)} examples): such inputs never certify"
         x_lo, x_hi = (float(v) for v in torch.aminmax(x.detach()))
         if lo <= x_lo and x_hi <= hi:
             return None

@@ -162,6 +162,11 @@ class RelaxedCertificate:
     within ``epsilon``; ``group``: the index of the (affinity) group holding it, -1 for none / RTK;
     ``radii[:, k−1]``: the radius within which ``S_k`` stays the top-``k`` set (0 where that ``k``
     is not allowed); ``k`` is the largest allowed ``k`` with ``radii > epsilon``.
+
+    As on an ordinary :class:`gloronet.Certificate`: ``pred`` is the predicted (top) class,
+    ``classes[:, 0]``, and ``certified`` is ``k > 0`` — some allowed top-k set is certified at
+    ``epsilon`` (relaxed robustness; ``False`` is a rejection). With both ``top_k`` and groups the
+    certificate is affinity robustness with sets of at most ``top_k`` classes (``relaxation.kind``).
     """
 
     k: torch.Tensor  # (B,) int64
@@ -173,6 +178,16 @@ class RelaxedCertificate:
     epsilon: float
     arithmetic: str
     relaxation: Relaxation
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """(B,) the predicted class: the top class of every certified set."""
+        return self.classes[:, 0]
+
+    @property
+    def certified(self) -> torch.Tensor:
+        """(B,) bool: some allowed top-k set is certified at ``epsilon`` (``k > 0``)."""
+        return self.k > 0
 
     def at(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, group)`` certified at another ``epsilon`` (from the same radii)."""
