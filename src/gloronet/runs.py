@@ -3,7 +3,10 @@ of resuming — shared by ``train``, ``certify``, ``export`` and the studies.
 
 A run directory holds ``config.yaml`` (the full recipe: on ``--resume`` it is the truth),
 ``log.csv``, ``model.safetensors`` + ``model.json`` (architecture, ε, input range, SHA-256 of the
-weights: enough to rebuild with :func:`load_model` alone) and ``state.pt`` (optimizer, epoch, log).
+weights: enough to rebuild with :func:`load_model` alone), ``state.pt`` (optimizer, epoch, log),
+``history.json`` (:mod:`gloronet.history`) and, while ``train`` writes it, ``.train.lock``
+(:mod:`gloronet.runlock`). A command's RUN argument may also name a shipped model
+(:func:`locate_run`).
 Every file is written to a temporary name (created with the user's umask) and renamed, so a crash
 or a full disk never leaves a half-written file; temporaries a killed process left are removed
 when a run is opened again. Every fault is a :class:`RunError` naming the file and the cause.
@@ -16,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -25,12 +29,14 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from . import data, models
+from . import data, models, pretrained
 from .config import DEFAULTS, TrainConfig, build_config, parse_overrides, read_yaml
 from .device import resolve_device
 from .gloro import GloroNet, check_epsilon
+from .runlock import LOCK_NAME
 
-RUN_FILES = ("config.yaml", "log.csv", "model.safetensors", "model.json", "state.pt")
+HISTORY = "history.json"
+RUN_FILES = ("config.yaml", "log.csv", "model.safetensors", "model.json", "state.pt", HISTORY)
 # keys a resumed run may change: where and how it runs and reports, never what it trains
 RUN_SETTINGS = frozenset({"device", "data_dir", "eval_every", "checkpoint_every", "train_vra_subset", "test_limit",
                           "certify_epsilons", "tensorboard"})
@@ -206,13 +212,42 @@ def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
     cfg = dict(meta["model"])
     try:
         net = models.create(cfg.pop("name"), cfg.pop("in_shape"), cfg.pop("num_classes"), meta["epsilon"], **cfg)
-        net.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise RunError(f"{weights_path} does not fit the model in model.json: {_cause(e)}") from None
+        raise RunError(f"{run_dir / 'model.json'} describes a model that cannot be built: {_cause(e)}") from None
+    load_weights(net, state, f"{weights_path} does not fit the model in model.json ({meta['model']['name']})")
     rng = meta.get("input_range", data.INPUT_RANGE if "dataset" in meta else None)  # older runs of `train`
     net.input_range = tuple(float(v) for v in rng) if rng is not None else None
     check_finite(net, str(weights_path))
     return net.to(map_location).eval()
+
+
+def weight_mismatch(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``state`` from loading into ``net`` (missing / unexpected / reshaped weights, a
+    few names each), or None when it fits."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def few(names: list[str], what: str) -> str:
+        more = f", … ({len(names) - 3} more)" if len(names) > 3 else ""
+        return f"{len(names)} {what} ({', '.join(names[:3])}{more})" if names else ""
+
+    parts = [p for p in (few(missing, "missing"), few(unexpected, "unexpected"), few(reshaped, "of another shape")) if p]
+    return "; ".join(parts) or None
+
+
+def load_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """``net.load_state_dict(state)``; a mismatch is one :class:`RunError` line ``where: <what differs>``
+    (not torch's full listing)."""
+    problem = weight_mismatch(net, state)
+    if problem:
+        raise RunError(f"{where}: {problem}")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        raise RunError(f"{where}: {_cause(e)[:300]}") from None
 
 
 # -- state.pt ------------------------------------------------------------------------------------
@@ -263,6 +298,30 @@ def read_config(out: str | Path) -> dict:
     return saved
 
 
+def set_aside(out: str | Path) -> Path | None:
+    """Move everything a run directory holds but its ``config.yaml``, ``history.json``, the
+    training lock and earlier ``previous-*`` folders into ``out/previous-<UTC time>/`` (for
+    ``gloronet train --restart``: nothing is deleted); returns that folder, None if nothing moved."""
+    out = Path(out)
+    keep = {"config.yaml", HISTORY, LOCK_NAME}
+    move = [p for p in sorted(out.iterdir()) if p.name not in keep and not p.name.startswith("previous-")]
+    if not move:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = out / f"previous-{stamp}"
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = out / f"previous-{stamp}-{k}"
+    try:
+        dest.mkdir()
+        for p in move:
+            os.replace(p, dest / p.name)
+    except OSError as e:
+        raise RunError(f"cannot move the files of {out} into {dest}: {_cause(e)}") from e
+    return dest
+
+
 def write_config(out: str | Path, cfg: TrainConfig) -> None:
     write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -308,7 +367,8 @@ def config_for_command(out: str | Path, path: str | Path | None, overrides: list
 @dataclass
 class Run:
     """A trained run opened for evaluation: the model in eval mode (parameters frozen), its
-    recipe (``config``, ``{}`` when the run has none) and where its data comes from."""
+    recipe (``config``, ``{}`` when the run has none) and where its data comes from. A shipped
+    model (:mod:`gloronet.pretrained`) opens read-only: ``pretrained`` is its name."""
 
     path: Path
     net: GloroNet
@@ -316,6 +376,25 @@ class Run:
     dataset: str
     data_dir: str | None
     device: torch.device
+    pretrained: str | None = None
+    recorded_dataset: str | None = None  # the dataset named by the run's own files
+    trained_epsilon: float | None = None  # the ε in model.json (net.epsilon may be overridden)
+
+    @property
+    def name(self) -> str:
+        """The shipped model's name, or the run directory."""
+        return self.pretrained or str(self.path)
+
+    @property
+    def out_dir(self) -> Path:
+        """Where reports go unless ``--out`` says otherwise: the run directory, or ``./<name>/`` for
+        a shipped model (never into the package)."""
+        return Path(self.pretrained) if self.pretrained else self.path
+
+    @property
+    def class_names(self) -> list[str]:
+        info = data.dataset_info(self.dataset)
+        return [info.class_name(c) for c in range(self.net.num_classes)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -338,29 +417,72 @@ class Run:
         return images.to(self.device).to(self.dtype).div_(255)
 
 
-def open_run(path: str | Path, device: str = "auto", dataset: str | None = None, data_dir: str | None = None,
-             epsilon: float | None = None) -> Run:
-    """Load ``model.json`` / ``model.safetensors`` and ``config.yaml`` of a run directory.
-
-    Raises ``FileNotFoundError`` (not a run directory) or ``ValueError`` (a damaged file, no
-    dataset named, bad ε) with a message naming the problem.
-    """
-    path = Path(path)
+def locate_run(arg: str | Path) -> tuple[Path, str | None]:
+    """``(directory, pretrained name or None)`` for a command's RUN argument: a run directory
+    (it holds ``model.json``), else the name of a shipped model (its package directory)."""
+    path = Path(arg)
+    if (path / "model.json").is_file():
+        return path, None
+    shipped = pretrained.resolve(str(arg))
+    if shipped is not None:
+        return shipped, str(arg)
     if not path.is_dir():
-        raise FileNotFoundError(f"run directory {path} not found")
+        known = ", ".join(pretrained.names()) or "none shipped in this version"
+        raise FileNotFoundError(f"run directory {arg} not found, nor a pretrained model of that name (pretrained: {known})")
+    return path, None
+
+
+def shape_text(shape) -> str:
+    return "×".join(str(int(s)) for s in shape)
+
+
+def check_dataset_fits(net: GloroNet, dataset: str, where: str | Path) -> None:
+    """Refuse, before any data is read, a dataset whose images or classes the model cannot take."""
+    info = data.dataset_info(dataset)
+    cfg = net.config or {}
+    shape, classes = tuple(cfg.get("in_shape", ())), cfg.get("num_classes")
+    if shape != info.in_shape or classes != info.num_classes:
+        raise RunError(f"{where}: the model takes {shape_text(shape)} inputs and {classes} classes; {info.name} has "
+                       f"{shape_text(info.in_shape)} images and {info.num_classes} classes")
+
+
+def open_run(path: str | Path, device: str = "auto", dataset: str | None = None, data_dir: str | None = None,
+             epsilon: float | None = None, why: str = "--dataset is only for runs that do not record theirs") -> Run:
+    """Load ``model.json`` / ``model.safetensors`` and ``config.yaml`` of a run directory (or of
+    the shipped model named ``path``).
+
+    ``dataset`` is the run's own unless the run records none; another dataset than the one it
+    was trained on is refused (``why`` says why), as is one whose image shape or class count
+    the model cannot take. The run's recorded ``data_dir`` is used only where it exists (a run
+    trained on another machine looks its data up as usual); an explicit ``data_dir`` must exist.
+    Raises ``FileNotFoundError`` (not a run) or ``ValueError`` (a damaged file, no or another
+    dataset, bad ε) with a message naming the problem.
+    """
+    path, shipped = locate_run(path)
     dev = resolve_device(device)
     net = load_model(path, map_location=dev)
+    trained_epsilon = net.epsilon
     for p in net.parameters():
         p.requires_grad_(False)
     cfg_path = path / "config.yaml"
     cfg = (read_yaml(cfg_path) or {}) if cfg_path.exists() else {}
     if not isinstance(cfg, dict):
         raise RunError(f"{cfg_path}: a config file must be a mapping of keys to values")
-    dataset = dataset or cfg.get("dataset")
+    label = shipped or path
+    recorded = cfg.get("dataset") or read_model_meta(path).get("dataset")
+    if dataset and recorded and data.dataset_info(dataset).name != data.dataset_info(recorded).name:
+        raise RunError(f"{label} holds a model trained on {recorded}, not {dataset}: {why}")
+    dataset = dataset or recorded
     if not dataset:
-        raise ValueError(f"{path} has no config.yaml naming its dataset: pass --dataset")
+        raise ValueError(f"{label} has no config.yaml naming its dataset: pass --dataset")
+    check_dataset_fits(net, dataset, label)
     if epsilon is not None:
         net.epsilon = check_epsilon(epsilon)
         if net.epsilon == 0:
             raise ValueError("epsilon must be > 0")
-    return Run(path, net, cfg, dataset, data_dir or cfg.get("data_dir"), dev)
+    own_dir = cfg.get("data_dir")
+    if own_dir and not Path(own_dir).expanduser().is_dir():
+        own_dir = None
+    return Run(path, net, cfg, data.dataset_info(dataset).name, data_dir or own_dir, dev, shipped,
+               recorded, trained_epsilon)
+

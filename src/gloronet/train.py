@@ -3,8 +3,10 @@
 One readable function (nanoGPT style). Per step, at fractional epoch ``t``: set ε(t), lr(t),
 λ(t); compute the loss from the training *estimate* of the Lipschitz constants; clip; step.
 Each epoch ends with validation at the *target* ε using the *sound* bound, a CSV log row and a
-checkpoint; ``resume=True`` continues from the last checkpoint to the same result as an
-uninterrupted run (data order and augmentation are functions of (seed, epoch)).
+checkpoint (``state.pt`` first, then the model files); ``resume=True`` continues from the last
+checkpoint to the same result as an uninterrupted run (data order and augmentation are functions of
+(seed, epoch)). A session holds the run's lock (:mod:`gloronet.runlock`), prints a header (versions,
+device, data, model) and records itself in ``history.json`` (:mod:`gloronet.history`).
 """
 from __future__ import annotations
 
@@ -21,22 +23,26 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, models
+from . import data, models, runlock
 from .certify import certify_dataset
 from .config import TrainConfig
 from .device import resolve_device
 from .gloro import GloroNet, bottom_logit
+from .history import record_session
 from .losses import make_loss
 from .optim import make_optimizer
+from .provenance import provenance
 from .relaxed import make_relaxation
-from .runs import (RunError, check_new_run, clean_temps, load_state, resume_config, save_model, save_state,
-                   write_config, write_text)
+from .runs import (RunError, check_new_run, clean_temps, load_state, load_weights, read_config, read_model_meta,
+                   resume_config, save_model, save_state, set_aside, weights_hash, write_config, write_text)
 from .schedules import make_schedule
 
-LOG_FIELDS = ["epoch", "lr", "train_epsilon", "loss", "train_acc", "train_vra_est", "test_acc", "test_vra",
+LOG_FIELDS = ["epoch", "lr", "train_epsilon", "loss", "train_acc", "train_vra_est", "test_acc", "test_vra", "test_n",
               "train_subset_acc", "train_subset_vra", "lipschitz_bound", "seconds"]
-# train_subset_*: sound clean accuracy / VRA of the first `train_vra_subset` training images (empty
-# when off, and in logs written before the columns existed: such logs still resume).
+# test_n: the test images behind test_acc / test_vra (a resumed run may change test_limit);
+# train_subset_*: sound clean accuracy / VRA of the first `train_vra_subset` training images. Empty
+# when not measured, and in logs written before the column existed (such logs still resume).
+# Each column is documented in the README ("log.csv").
 
 
 class _TrainStep(nn.Module):
@@ -66,11 +72,17 @@ def _distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _csv_value(v):
+    """7 significant digits for floats (float32 precision; no ``0.44999999999999996``). Resume
+    reads the rows from ``state.pt`` at full precision, never from this file."""
+    return format(v, ".7g") if isinstance(v, float) else v
+
+
 def _write_log(out: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
     write_text(out / "log.csv", buf.getvalue())
 
 
@@ -91,19 +103,47 @@ def train_step(step_module: nn.Module, opt, loss_fn, x, y, eps: float, lam: floa
     return loss, logits, bottom
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``out_dir``; returns the last log row."""
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, restart: bool = False,
+          command: str | None = None) -> dict:
+    """Train ``cfg`` into ``out_dir``; returns the last log row.
+
+    ``resume``: continue the run from its ``state.pt``. ``restart``: train the run again from epoch 0
+    with its own config; its previous files are moved into ``out_dir/previous-<UTC time>/`` first
+    (:func:`gloronet.runs.set_aside`). The process holds the run's lock (:mod:`gloronet.runlock`)
+    throughout; ``command`` is recorded in ``history.json``."""
     cfg.validate()
     out = Path(out_dir)
+    if resume and restart:
+        raise ValueError("resume and restart exclude each other: --resume continues a run, --restart begins it again")
     rank, world, local_rank = _distributed()
+    if (resume or restart) and not out.is_dir():
+        raise RunError(f"cannot {'resume' if resume else 'restart'}: run directory {out} not found")
+    if rank != 0:
+        return _train(cfg, out, resume, progress, restart, command, (rank, world, local_rank))
+    created = not out.exists()
+    fd = runlock.acquire(out)
+    try:
+        return _train(cfg, out, resume, progress, restart, command, (rank, world, local_rank))
+    finally:
+        runlock.release(out, fd)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed to start leaves no directory behind
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, restart: bool, command: str | None,
+           dist_info: tuple[int, int, int]) -> dict:
+    rank, world, local_rank = dist_info
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
     state = None
+    before = read_config(out) if (out / "config.yaml").is_file() else None  # as the last session left it
     if resume:
         state, cfg = _resume(out, cfg, device, rank == 0)
+    elif restart:
+        cfg = resume_config(out, cfg, 0)
     elif rank == 0:
         check_new_run(out)
     tb = _TensorBoard(out) if cfg.tensorboard and rank == 0 else None
@@ -127,18 +167,25 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     net.input_range = data.INPUT_RANGE
     net(x_train[:2].to(device).float().div(255))  # materialise lazily-sized buffers before DDP/optimizer
     opt = make_optimizer(net.parameters(), cfg.optimizer, cfg.weight_decay, cfg.lookahead)
+    start_epoch, rows = 0, []
+    if state is not None:
+        load_weights(net, state["model"], f"cannot resume: {out / 'state.pt'} does not fit the model of config.yaml")
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, rows = state["epoch"], state["log"]
 
     if rank == 0:  # set up without error: from here on the directory holds this run
         clean_temps(out)
+        moved = set_aside(out) if restart else None
         write_config(out, cfg)
-    start_epoch, rows = 0, []
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, rows = state["epoch"], state["log"]
-        if rank == 0:
-            print(f"resuming {out} from epoch {start_epoch} of {cfg.epochs}" if start_epoch < cfg.epochs else
-                  f"{out} has trained all {cfg.epochs} epochs: pass --epochs=N to extend it", flush=True)
+        sources = {split: {"path": str(data.find_dataset_dir(info.name, cfg.data_dir, split=split)), "n": len(x)}
+                   for split, x in (("train", x_train), ("test", x_test))}
+        kind = "resume" if resume else "restart" if restart else "new"
+        record_session(out, kind, start_epoch, cfg.to_dict(), before, device, sources, command, moved)
+        print(_header(out, kind, start_epoch, cfg, device, sources, net, moved), flush=True)
+        if state is not None and _model_file_is_behind(out, state):  # its checkpoint was cut short
+            save_model(out, net, {"dataset": info.name, "epoch": start_epoch, "provenance": provenance()})
+        if state is not None and start_epoch >= cfg.epochs:
+            print(f"{out} has trained all {cfg.epochs} epochs: pass --epochs=N to extend it", flush=True)
     step_module: nn.Module = _TrainStep(net)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -171,13 +218,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             raise RunError(f"training diverged in epoch {epoch + 1} of {out} (loss {s[0]}): nothing of this epoch was "
                            "saved; lower lr or set grad_clip")
         row = {"epoch": epoch + 1, "lr": lr, "train_epsilon": eps, "loss": s[0], "train_acc": s[1],
-               "train_vra_est": s[2], "test_acc": "", "test_vra": "", "train_subset_acc": "", "train_subset_vra": "",
+               "train_vra_est": s[2], "test_acc": "", "test_vra": "", "test_n": "", "train_subset_acc": "",
+               "train_subset_vra": "",
                "lipschitz_bound": "",
                "seconds": round(time.perf_counter() - t0, 3)}
         last = epoch + 1 == cfg.epochs
         if rank == 0 and (last or (epoch + 1) % cfg.eval_every == 0):
             rep = certify_dataset(net, x_test, y_test, batch_size=max(cfg.batch_size, 512), device=device)
-            row.update(test_acc=rep["clean_accuracy"], test_vra=rep["vra"][f"{cfg.epsilon:g}"], lipschitz_bound=rep["lipschitz_bound"])
+            row.update(test_acc=rep["clean_accuracy"], test_vra=rep["vra"][f"{cfg.epsilon:g}"], test_n=rep["n"],
+                       lipschitz_bound=rep["lipschitz_bound"])
             if cfg.train_vra_subset:  # fixed, un-augmented training images: robust overfitting
                 n = cfg.train_vra_subset
                 sub = certify_dataset(net, x_train[:n], y_train[:n], batch_size=max(cfg.batch_size, 512), device=device)
@@ -192,14 +241,42 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             _write_log(out, rows)
             if tb is not None:
                 tb.add_row(row)
-            if last or (epoch + 1) % cfg.checkpoint_every == 0:
-                save_model(out, net, {"dataset": info.name, "epoch": epoch + 1})
+            if last or (epoch + 1) % cfg.checkpoint_every == 0:  # state first: a run cut short here still resumes
                 save_state(out, {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "log": rows})
+                save_model(out, net, {"dataset": info.name, "epoch": epoch + 1, "provenance": provenance()})
         if world > 1:
             dist.barrier()
     if tb is not None:
         tb.close()
     return rows[-1] if rows else {}
+
+
+def _header(out: Path, kind: str, start_epoch: int, cfg: TrainConfig, device, sources: dict, net: GloroNet,
+            moved: Path | None) -> str:
+    """What this session runs, in five lines: versions, run, device, data, model."""
+    p = provenance()
+    commit = f" · commit {p['git_commit'][:12]}{'+dirty' if p['git_commit'].endswith('+dirty') else ''}" \
+        if p["git_commit"] else ""
+    run = {"new": f"new run {out}", "resume": f"resuming {out} from epoch {start_epoch} of {cfg.epochs}",
+           "restart": f"restarting {out} from epoch 0" + (f" (its previous files are in {moved})" if moved else "")}[kind]
+    data_lines = " · ".join(f"{split} {d['n']:,} images from {d['path']}" for split, d in sources.items())
+    params = sum(t.numel() for t in net.parameters())
+    return "\n".join([
+        f"gloronet {p['gloronet']} · torch {p['torch']} · python {p['python']}{commit}",
+        run,
+        f"device {device} · {torch.get_num_threads()} threads",
+        f"data {cfg.dataset}: {data_lines}",
+        f"model {cfg.model}: {params:,} parameters · input {'×'.join(map(str, net.config['in_shape']))} · "
+        f"{net.num_classes} classes · ε = {cfg.epsilon:g}"])
+
+
+def _model_file_is_behind(out: Path, state: dict) -> bool:
+    """Do ``model.json`` / ``model.safetensors`` lack the weights of ``state.pt`` (a checkpoint cut
+    short after ``state.pt`` was written)?"""
+    try:
+        return read_model_meta(out).get("sha256") != weights_hash(state["model"])
+    except RunError:
+        return True
 
 
 def _resume(out: Path, cfg: TrainConfig, device, chatty: bool) -> tuple[dict | None, TrainConfig]:
@@ -209,7 +286,9 @@ def _resume(out: Path, cfg: TrainConfig, device, chatty: bool) -> tuple[dict | N
         raise RunError(f"cannot resume: {out} is not a gloronet run (no config.yaml); drop --resume to start a new run")
     if not (out / "state.pt").exists():
         if (out / "model.safetensors").exists():
-            raise RunError(f"cannot resume {out}: it holds model.safetensors but no state.pt to continue from")
+            raise RunError(f"cannot resume {out}: it holds model.safetensors but no state.pt to continue from; "
+                           f"`gloronet train --out {out} --restart` trains it again from epoch 0 (its files are "
+                           "moved into a previous-<time>/ folder, nothing is deleted)")
         if chatty:
             print(f"{out} has no checkpoint yet: starting from epoch 0", flush=True)
         return None, resume_config(out, cfg, 0)
