@@ -106,9 +106,13 @@ def export_model(net: GloroNet, path: str | Path, fmt: str = "onnx", training: d
     card to ``<path>.card.json``; returns both paths. ONNX needs ``pip install 'gloronet[export]'``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    path = Path(path)
+    suffix = Path(FORMATS[fmt]).suffix
+    if path.suffix != suffix:
+        raise ValueError(f"{path}: {'an ONNX' if fmt == 'onnx' else 'a torch'} export is written to a {suffix} file "
+                         f"(name it {path.stem}{suffix})")
     if net.config is None:
         raise ValueError("export needs a GloroNet built by gloronet.models.create (its input shape is in net.config)")
-    path = Path(path)
     frozen = FrozenGloro(net)
     example = torch.rand(2, *net.config["in_shape"], dtype=next(net.parameters()).dtype,
                          device=next(net.parameters()).device)
@@ -141,15 +145,25 @@ def export_model(net: GloroNet, path: str | Path, fmt: str = "onnx", training: d
     return path, card
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> tuple[Path, Path]:
-    """Export the model of a run directory (default: ``<run>/model.onnx`` or ``<run>/model.pt2``)."""
-    from .config import read_yaml
+def format_of(path: str | Path) -> str | None:
+    """The export format a file name asks for (``.onnx`` / ``.pt2``), or None."""
+    return next((fmt for fmt, name in FORMATS.items() if Path(path).suffix == Path(name).suffix), None)
 
-    run_dir = Path(run_dir)
+
+def export_run(run_dir: str | Path, fmt: str | None = None, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Export the model of a run directory, or of a shipped model named ``run_dir``. ``fmt``
+    defaults to the one ``out``'s suffix names, else ONNX; ``out`` defaults to ``<run>/model.onnx``
+    / ``<run>/model.pt2`` (``./<name>/…`` for a shipped model: never into the package)."""
+    from .config import read_yaml
+    from .runs import locate_run
+
+    run_dir, shipped = locate_run(run_dir)
+    fmt = fmt or (format_of(out) if out else None) or "onnx"
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     read_model_meta(run_dir)
     net = load_model(run_dir)
     cfg_path = run_dir / "config.yaml"
     training = read_yaml(cfg_path) if cfg_path.is_file() else None
-    return export_model(net, Path(out) if out else run_dir / FORMATS[fmt], fmt, training)
+    default = (Path(shipped) if shipped else run_dir) / FORMATS[fmt]
+    return export_model(net, Path(out) if out else default, fmt, training)
