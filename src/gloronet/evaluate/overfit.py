@@ -103,7 +103,7 @@ def run_overfit(run: Run, twin: Run | None, limit: int | None, n_images: int = 8
         "attributions": {"method": f"integrated gradients ({ig_steps} midpoint steps, black baseline) and saliency "
                                    "of the true label's logit", "n_images": len(x), **attrib},
         "seconds": time.perf_counter() - start,
-        "_grid": {"images": x[:n_images].float().div(255), "labels": y[:n_images],
+        "_grid": {"images": x[:n_images].float().div(255), "labels": y[:n_images], "class_names": run.class_names,
                   "maps": {f"{name} {label}": m[kind][:n_images] for kind, label in (("ig", "IG"), ("saliency", "saliency"))
                            for name, m in maps.items()}},
     }

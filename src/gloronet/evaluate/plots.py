@@ -1,7 +1,8 @@
 """Every figure of the studies (matplotlib, optional: ``pip install gloronet[plot]``).
 
-Each ``plot_*(report, path)`` draws from a study's report dict (its ``_``-keys hold the per-point
-tensors), writes a PNG atomically and returns ``True`` — or ``False`` when matplotlib is missing.
+Each ``plot_*(report, path, title="")`` draws from a study's report dict (its ``_``-keys hold the
+per-point tensors) under ``title`` (the command, model, dataset and run), writes a PNG atomically
+and returns ``True`` — or ``False`` when matplotlib is missing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _figure(draw):
     """``draw(plt, report) -> figure`` becomes ``plot(report, path) -> bool`` (PNG, atomic)."""
 
     @functools.wraps(draw)
-    def plot(report, path: str | Path) -> bool:
+    def plot(report, path: str | Path, title: str = "") -> bool:
         try:
             import matplotlib
 
@@ -28,6 +29,8 @@ def _figure(draw):
         except ImportError:
             return False
         fig = draw(plt, report)
+        if title:
+            fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
@@ -79,8 +82,8 @@ def plot_degrade(plt, reports: dict[str, dict]):
         b.plot(g.numpy(), bound, c=color, label=f"{name}: upper bound")
         b.scatter([eps], [100 * r["fraction_degraded"]], c=color, marker="x", s=60, zorder=3, label=f"{name}: attack")
     for ax in (a, b):
-        ax.axvline(eps, ls="--", c="gray")
-    a.axvline(2 * eps, ls=":", c="gray")
+        ax.axvline(eps, ls="--", c="gray", label=f"ε = {eps:g} (certified)")
+    a.axvline(2 * eps, ls=":", c="gray", label=f"2ε = {2 * eps:g} (immune to degradation)")
     a.set(xlabel="ε (L2)", ylabel="VRA (%)", ylim=(0, 100), title="verified-robust accuracy")
     b.set(xlabel="ε (L2)", ylabel="% of certified points", ylim=(0, 100), title="degradation: points an attacker can make rejected")
     a.legend(fontsize=8)
@@ -110,8 +113,8 @@ def plot_privacy(plt, report: dict):
 
 @_figure
 def plot_overfit(plt, report: dict):
-    """Train-subset and test accuracy / VRA over epochs and their gaps (or, without per-epoch
-    logs, the final model's numbers)."""
+    """Train-subset and test accuracy / VRA over epochs and their gaps; without per-epoch logs
+    (a run trained without ``train_vra_subset``) the final model's numbers and gaps as bars."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, c, style in (("robust", report["curves"], "-"), ("twin", report.get("twin_curves"), "--")):
         if not c:
@@ -122,17 +125,26 @@ def plot_overfit(plt, report: dict):
             a.plot(ep, [100 * v for v in c[col]], style, c=f"C{k}", label=f"{name}: {label}")
         b.plot(ep, [100 * (p - q) for p, q in zip(c["train_subset_acc"], c["test_acc"])], style, c="C0", label=f"{name}: acc gap")
         b.plot(ep, [100 * (p - q) for p, q in zip(c["train_subset_vra"], c["test_vra"])], style, c="C2", label=f"{name}: VRA gap")
-    if not report["curves"]:
+    subtitle = f"(ε = {report['epsilon']:g})"
+    if report["curves"]:
+        a.set(xlabel="epoch", title=f"train subset vs test {subtitle}")
+        b.set(xlabel="epoch")
+    else:  # no per-epoch numbers in log.csv: the final model's, as bars
         names = list(report["final"])
         for k, key in enumerate(("train_acc", "test_acc", "train_vra", "test_vra")):
-            a.bar([i + 0.2 * k for i in range(len(names))], [100 * report["final"][n][key] for n in names], 0.2, label=key)
-        a.set_xticks(range(len(names)), names)
-    a.set(xlabel="epoch", ylabel="%", ylim=(0, 100), title=f"train subset vs test (ε = {report['epsilon']:g})")
+            a.bar([i + 0.2 * k for i in range(len(names))], [100 * report["final"][n][key] for n in names], 0.2,
+                  color=f"C{k}", label=key.replace("_", " ").replace("vra", "VRA"))
+        for k, key in enumerate(("acc_gap", "vra_gap")):
+            b.bar([i + 0.3 * k for i in range(len(names))], [100 * report["final"][n][key] for n in names], 0.3,
+                  color=("C0", "C2")[k], label=key.replace("_", " ").replace("vra", "VRA"))
+        a.set_xticks([i + 0.3 for i in range(len(names))], names)
+        b.set_xticks([i + 0.15 for i in range(len(names))], names)
+        a.set(title=f"final model, first {report['n']} train / test images {subtitle}")
+    a.set(ylabel="%", ylim=(0, 100))
     b.axhline(0, c="gray", lw=0.8)
-    b.set(xlabel="epoch", ylabel="train − test (points)", title="generalisation gaps")
+    b.set(ylabel="train − test (points)", title="generalisation gaps")
     a.legend(fontsize=7)
-    if b.lines[1:]:
-        b.legend(fontsize=7)
+    b.legend(fontsize=7)
     return fig
 
 
@@ -146,7 +158,9 @@ def plot_attributions(plt, report: dict):
     for c in range(n):
         img = grid["images"][c]
         axes[0, c].imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
-        axes[0, c].set_title(f"label {int(grid['labels'][c])}", fontsize=8)
+        label = int(grid["labels"][c])
+        names = grid.get("class_names")
+        axes[0, c].set_title(names[label] if names else f"class {label}", fontsize=8)
         for r, (name, m) in enumerate(maps.items(), start=1):
             axes[r, c].imshow(m[c].abs().sum(0).numpy(), cmap="inferno")
     for ax in axes.flat:
