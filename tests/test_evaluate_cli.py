@@ -28,9 +28,9 @@ def runs(tmp_path_factory, data_dir):  # noqa: F811
     return root
 
 
-def _outputs(folder, name):
+def _outputs(folder, name):  # name: the report's file stem, <command>-n<limit>
     report = json.loads((folder / f"{name}.json").read_text())
-    assert (folder / f"{name}.md").read_text().startswith(f"### gloronet {name}")
+    assert (folder / f"{name}.md").read_text().startswith(f"### gloronet {name.split('-')[0]}")
     pytest.importorskip("matplotlib")
     assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return report
@@ -38,28 +38,28 @@ def _outputs(folder, name):
 
 def test_attack_and_degrade(runs, tmp_path):
     assert cli.main(["attack", str(runs / "robust"), *FAST, "--out", str(tmp_path)]) == 0
-    rep = _outputs(tmp_path, "attack")
+    rep = _outputs(tmp_path, "attack-n24")
     assert rep["n"] == 24 and rep["broken_certified"] == 0 and rep["vra"] <= rep["robust_accuracy"] <= rep["clean_accuracy"]
-    assert not (tmp_path / "attack-counterexamples.safetensors").exists()
+    assert not (tmp_path / "attack-n24-counterexamples.safetensors").exists()
     assert cli.main(["degrade", str(runs / "robust"), *FAST, "--defended", str(runs / "twin"), "--out", str(tmp_path)]) == 0
-    rep = _outputs(tmp_path, "degrade")
+    rep = _outputs(tmp_path, "degrade-n24")
     assert set(rep) >= {"model", "defended", "runs"} and rep["model"]["label_changed"] == 0
-    assert 0 <= rep["model"]["fraction_degraded"] <= 1 and "| defended |" in (tmp_path / "degrade.md").read_text()
+    assert 0 <= rep["model"]["fraction_degraded"] <= 1 and "| defended |" in (tmp_path / "degrade-n24.md").read_text()
 
 
 def test_privacy_overfit_tightness(runs, tmp_path):
     robust, twin = str(runs / "robust"), str(runs / "twin")
     assert cli.main(["privacy", robust, "--twin", twin, "--limit", "40", "-q", "--out", str(tmp_path)]) == 0
-    rep = _outputs(tmp_path, "privacy")
+    rep = _outputs(tmp_path, "privacy-n40")
     assert set(rep["models"]) == {"robust", "twin"} and rep["n_members"] == 40
     assert all(0 <= a["auc"] <= 1 for m in rep["models"].values() for a in m["attacks"].values())
     assert cli.main(["overfit", robust, "--twin", twin, "--limit", "32", "--images", "3", "--ig-steps", "4", "-q",
                      "--out", str(tmp_path)]) == 0
-    rep = _outputs(tmp_path, "overfit")
+    rep = _outputs(tmp_path, "overfit-n32")
     assert rep["curves"]["epoch"] == [1, 2] and rep["twin_curves"] is None and set(rep["final"]) == {"robust", "twin"}
-    assert (tmp_path / "overfit-attributions.png").exists()
+    assert (tmp_path / "overfit-n32-attributions.png").exists()
     assert cli.main(["tightness", robust, "--limit", "16", "--iters", "5", "-q", "--out", str(tmp_path)]) == 0
-    rep = _outputs(tmp_path, "tightness")
+    rep = _outputs(tmp_path, "tightness-n16")
     assert rep["margin"]["slope_violations"] == 0 and rep["body"]["lower"] <= rep["body"]["bound"]
 
 
@@ -90,8 +90,8 @@ def test_a_broken_certificate_exits_1_with_counterexamples(runs, tmp_path, monke
     monkeypatch.setattr(gloronet.GloroNet, "certify", inflated)
     assert cli.main(["attack", str(runs / "robust"), *FAST, "--out", str(tmp_path)]) == 1
     assert "SOUNDNESS BUG" in capsys.readouterr().err
-    rep = json.loads((tmp_path / "attack.json").read_text())
-    ce = load_file(str(tmp_path / "attack-counterexamples.safetensors"))
+    rep = json.loads((tmp_path / "attack-n24.json").read_text())
+    ce = load_file(str(tmp_path / "attack-n24-counterexamples.safetensors"))
     assert rep["broken_certified"] == len(ce["x"]) > 0
     assert (ce["distance"] < ce["radius"]).all()
     net = gloronet.checkpoint.load_model(runs / "robust").eval()

@@ -170,7 +170,7 @@ def test_damaged_files_are_one_line_errors(tmp_path, run, capsys):
 
 def test_stale_temps_cleaned_and_files_follow_the_umask(tmp_path, run, data_dir, capsys):  # noqa: F811
     r = _copy(run, tmp_path / "r")
-    stale, report, mine = r / ".model.json.0badc0de.tmp", r / ".certify.json.k3_x9abc.tmp", r / ".notes.tmp"
+    stale, report, mine = r / ".model.json.0badc0de.tmp", r / ".certify-n8.json.k3_x9abc.tmp", r / ".notes.tmp"
     for p in (stale, report, mine):
         p.write_text("half")
     assert cli.main(["certify", str(r), "--limit", "8", "-q"]) == 0

@@ -119,7 +119,7 @@ def test_cli_train_then_certify(tmp_path, data_dir, capsys):
     assert cli.main(["certify", str(run), "--eps", "0.3", "0.1", "--limit", "100", "-q"]) == 0
     out = capsys.readouterr().out
     assert "| ε | VRA |" in out
-    report = json.loads((run / "certify.json").read_text())
+    report = json.loads((run / "certify-n100.json").read_text())  # named after what it measured
     assert report["n"] == 100 and set(report["vra"]) >= {"0.3", "0.1"}
     assert report["vra"]["0.1"] >= report["vra"]["0.3"]
     net = checkpoint.load_model(run)
@@ -128,15 +128,15 @@ def test_cli_train_then_certify(tmp_path, data_dir, capsys):
     x, y = load_dataset("mnist", "test", data_dir, 100)
     cert = net.certify(x, 0.3)
     assert report["vra"]["0.3"] == pytest.approx(((cert.pred == y) & cert.certified).double().mean().item())
-    assert (run / "certify.md").exists() and report["arithmetic"] == "float"
+    assert (run / "certify-n100.md").exists() and report["arithmetic"] == "float"
     out_exact = tmp_path / "exact"
     assert cli.main(["certify", str(run), "--limit", "100", "-q", "--arithmetic", "exact", "--out", str(out_exact)]) == 0
-    exact = json.loads((out_exact / "certify.json").read_text())
+    exact = json.loads((out_exact / "certify-n100-exact.json").read_text())
     assert exact["arithmetic"] == "exact" and exact["vra"]["0.3"] >= report["vra"]["0.3"]
     cert = net.certify(x, 0.3, arithmetic="exact")
     assert exact["vra"]["0.3"] == pytest.approx(((cert.pred == y) & cert.certified).double().mean().item())
     pytest.importorskip("matplotlib")
-    assert (run / "certify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "certify-n100.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_config_errors(tmp_path):
@@ -210,13 +210,13 @@ def test_relaxed_training_and_cli_certify(tmp_path, data_dir, relax):
     plain = train(build_config(None, small(data_dir, epochs=1)), tmp_path / "plain", progress=False)
     assert last["loss"] != plain["loss"]
     assert cli.main(["certify", str(run), "--limit", "64", "-q"]) == 0
-    report = json.loads((run / "certify.json").read_text())
+    report = json.loads((run / "certify-n64.json").read_text())
     rel = report["relaxed"]
     assert rel["kind"] == ("rtk" if "top_k" in relax else "affinity")
     assert set(rel) >= {"vra", "rejection", "k_counts", "top_k_accuracy"} and sum(rel["k_counts"]["0.3"]) == 64
-    assert "certified k" in (run / "certify.md").read_text()
+    assert "certified k" in (run / "certify-n64.md").read_text()
     assert cli.main(["certify", str(run), "--limit", "64", "-q", "--top-k", "4", "--out", str(tmp_path / "k4")]) == 0
-    assert json.loads((tmp_path / "k4" / "certify.json").read_text())["relaxed"]["top_k"] == 4
+    assert json.loads((tmp_path / "k4" / "certify-n64-top4.json").read_text())["relaxed"]["top_k"] == 4
     assert cli.main(["certify", str(run), "--limit", "8", "-q", "--affinity", "no-such-set"]) == 2
 
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .gloro import GloroNet
 from .relaxed import certified_k, make_relaxation
-from .runs import atomic_write, check_finite, write_json, write_text
+from .reports import write_report
+from .runs import atomic_write, check_finite
 
 
 @torch.no_grad()
@@ -47,6 +48,8 @@ def certify_dataset(
     """
     if images.dim() != 4 or labels.shape != (len(images),):
         raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
+    if len(images) == 0:
+        raise ValueError("certify_dataset: no images to certify (the dataset split is empty)")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     check_finite(net)
     problem = net.out_of_range(images) if images.is_floating_point() else None
@@ -139,9 +142,9 @@ def markdown_table(report: dict, title: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def plot_report(report: dict, path: str | Path) -> bool:
+def plot_report(report: dict, path: str | Path, title: str = "") -> bool:
     """VRA-vs-ε curve, certified-radius histogram (and, for relaxed certificates, the distribution of
-    certified k) as PNG; False if matplotlib is missing."""
+    certified k) as PNG, under ``title``; False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -169,20 +172,15 @@ def plot_report(report: dict, path: str | Path) -> bool:
         axes[2].bar(range(len(counts)), counts, color="tab:purple")
         axes[2].set(xlabel="certified k (0 = rejected)", ylabel="count", xticks=range(len(counts)),
                     title=f"certified top-k set size at ε = {report['epsilon']:g}")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return True
 
 
-def write_reports(report: dict, out_dir: str | Path, title: str = "") -> dict:
-    """``certify.json``, ``certify.md`` and ``certify.png`` in ``out_dir``; returns their paths."""
-    out_dir = Path(out_dir)
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    write_json(out_dir / "certify.json", public)
-    md = markdown_table(report, title)
-    write_text(out_dir / "certify.md", md)
-    paths = {"json": out_dir / "certify.json", "markdown": out_dir / "certify.md"}
-    if plot_report(report, out_dir / "certify.png"):
-        paths["plot"] = out_dir / "certify.png"
-    return paths
+def write_reports(report: dict, out_dir: str | Path, title: str = "", name: str = "certify") -> dict:
+    """``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``out_dir`` (atomically; no PNG without
+    matplotlib); returns their paths."""
+    return write_report(out_dir, name, report, markdown_table(report, title), lambda p: plot_report(report, p, title))

@@ -1,145 +1,22 @@
-"""``gloronet train | certify | export | attack | degrade | privacy | overfit | tightness | models``
-— the command-line entry point. The studies live in :mod:`gloronet.evaluate` (imported lazily).
+"""``gloronet train | certify | predict | export | attack | degrade | privacy | overfit | tightness |
+models`` — the command-line parser and entry point; what each command does is in
+:mod:`gloronet.commands` (the studies in :mod:`gloronet.evaluate`, imported lazily).
 
 Every fault ends in one line ``gloronet <command>: error: <file or argument>: <cause>`` on stderr
-and exit status 2 (a soundness bug found by a study: 1; Ctrl-C: 130).
+and exit status 2 (a soundness bug found by a study: 1; Ctrl-C: 130). A bare ``gloronet`` or a
+bare command prints its help (exit status 2); a mistyped command, option or config key is answered
+with the closest one ("did you mean"). Every option's help states its default.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from . import __version__
+from . import __version__, commands
+from .config import DEFAULTS, DESCRIPTIONS, FIELDS, did_you_mean, parse_overrides
 
-
-def _train(args, overrides: list[str]) -> int:
-    from .runs import config_for_command
-    from .train import train
-
-    if args.tensorboard:
-        overrides = [*overrides, "--tensorboard=true"]
-    cfg = config_for_command(args.out, args.config, overrides, args.resume)
-    try:
-        row = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"\ngloronet train: interrupted; continue from the last checkpoint with: "
-              f"gloronet train --out {args.out} --resume", file=sys.stderr)
-        return 130
-    print(f"done: {args.out}  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    return 0
-
-
-def _certify(args) -> int:
-    from .certify import certify_dataset, markdown_table, write_reports
-    from .runs import check_writable, clean_temps, open_run
-
-    out = Path(args.out or args.run_dir)
-    run = open_run(args.run_dir, args.device, args.dataset, args.data_dir, args.eps[0] if args.eps else None)
-    check_writable(out)  # before any work: a read-only run directory fails now, not after certifying
-    clean_temps(out, REPORTS["certify"])
-    net, cfg = run.net, run.config
-    images, labels = run.load(args.split, args.limit)
-    extra = list(args.eps or []) + list(cfg.get("certify_epsilons") or [])
-    extra += [net.epsilon * f for f in (0.5, 1.5, 2.0)]
-    top_k = args.top_k if args.top_k is not None else cfg.get("top_k")
-    affinity = args.affinity if args.affinity is not None else cfg.get("affinity")
-    report = certify_dataset(net, images, labels, extra, batch_size=args.batch_size, device=run.device,
-                             progress=not args.quiet, arithmetic=args.arithmetic, top_k=top_k, affinity=affinity)
-    report.update(dataset=run.dataset, split=args.split, model=net.config)
-    title = f"{net.config['name']} on {run.dataset} ({args.split})"
-    paths = write_reports(report, out, title=title)
-    print(markdown_table(report, title))
-    print("reports: " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-def _export(args) -> int:
-    from .export import export_run
-
-    paths = export_run(args.run_dir, args.format, args.out)
-    print("exported: " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-STUDIES = ("attack", "degrade", "privacy", "overfit", "tightness")
-REPORTS = {cmd: [f"{cmd}{ext}" for ext in (".json", ".md", ".png", "-counterexamples.safetensors", "-attributions.png")]
-           for cmd in ("certify", *STUDIES)}  # the files each command writes (its stale temporaries are removed)
-
-
-def _evaluate(args) -> int:
-    """One study of :mod:`gloronet.evaluate` on a run: ``<cmd>.json``, ``<cmd>.md`` and PNG(s) in
-    ``--out`` (default: the run directory). Exit status 1 when it found a soundness bug (the
-    counterexamples are saved next to the report)."""
-    from .evaluate import common, plots
-    from .runs import check_writable, clean_temps
-
-    def open_(path):
-        return common.open_run(path, args.device, args.dataset, args.data_dir, args.eps)
-
-    run = open_(args.run_dir)
-    limit, progress, out = args.limit, not args.quiet, Path(args.out or run.path)
-    check_writable(out)  # before any work
-    clean_temps(out, REPORTS[args.command])
-    title = f"gloronet {args.command}: {run.net.config['name']} on {run.dataset}"
-    extra, bug = [], ""
-    if args.command in ("attack", "degrade"):
-        from .evaluate.pgd import AttackConfig
-
-        cfg = AttackConfig(args.steps, args.restarts, args.targets, args.seed).validate()
-    if args.command == "attack":
-        from .evaluate import attack
-
-        report = attack.run_attack(run, *run.load("test", limit), cfg, args.batch_size, progress)
-        md, draw = attack.markdown(report, title), lambda p: plots.plot_attack(report, p)
-        if report["broken_certified"]:
-            bug = f"{report['broken_certified']} certified points broken by the attack"
-    elif args.command == "degrade":
-        from .evaluate import degrade
-
-        runs = {"model": run, **({"defended": open_(args.defended)} if args.defended else {})}
-        reports = {k: degrade.run_degrade(r, *r.load("test", limit), cfg, args.batch_size, progress) for k, r in runs.items()}
-        report = {**{k: {kk: v for kk, v in r.items() if not kk.startswith("_")} for k, r in reports.items()},
-                  "runs": {k: str(r.path) for k, r in runs.items()},
-                  "_counterexamples": next((r["_counterexamples"] for r in reports.values() if "_counterexamples" in r), None)}
-        md, draw = degrade.markdown(reports, title), lambda p: plots.plot_degrade(reports, p)
-        if any(r["label_changed"] for r in reports.values()):
-            bug = "a certified point changed its label within ε"
-    elif args.command == "privacy":
-        from .evaluate import privacy
-
-        report = privacy.run_privacy(run, open_(args.twin) if args.twin else None, limit, args.seed, progress)
-        md, draw = privacy.markdown(report, title), lambda p: plots.plot_privacy(report, p)
-    elif args.command == "overfit":
-        from .evaluate import overfit
-
-        report = overfit.run_overfit(run, open_(args.twin) if args.twin else None, limit, args.images, args.ig_steps,
-                                     progress=progress)
-        md, draw = overfit.markdown(report, title), lambda p: plots.plot_overfit(report, p)
-        if plots.plot_attributions(report, out / "overfit-attributions.png"):
-            extra.append(out / "overfit-attributions.png")
-    else:
-        from .evaluate import tightness
-
-        report = tightness.run_tightness(run, run.load("test", limit or 1000)[0], args.iters, args.batch_size, progress)
-        md, draw = tightness.markdown(report, title), lambda p: plots.plot_tightness(report, p)
-        if report["margin"]["slope_violations"]:
-            bug = f"{report['margin']['slope_violations']} margins steeper than their certified Lipschitz constant"
-    paths = list(common.write_outputs(out, args.command, report, md, draw).values()) + extra
-    saved = common.save_counterexamples(report, out, args.command)
-    print(md)
-    print("reports: " + ", ".join(str(p) for p in paths + ([saved] if saved else [])))
-    if bug:
-        print(f"gloronet {args.command}: SOUNDNESS BUG: {bug}; counterexamples: {saved}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _models(_args) -> int:
-    from .models import list_models
-
-    print("\n".join(list_models()))
-    return 0
+RUN_HELP = "a run directory written by `gloronet train`, or the name of a pretrained model (gloronet models --pretrained)"
+OUT_HELP = "where the reports go (default: the run directory; ./<name>/ for a pretrained model)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,6 +24,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends ``(default: X)`` to every option whose help does not
+    already say what its default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def positive_float(text: str) -> float:
@@ -176,99 +65,185 @@ def _option(parser, name: str, *more: str, **kw):
 
 
 def _config_keys() -> str:
-    from .config import DEFAULTS
+    lines = ["config keys (set with --key=value or --key value, YAML syntax; a recipe file sets them the same way):"]
+    for k, v in DEFAULTS.items():
+        lines += [f"  {k} = {v!r}", f"      {DESCRIPTIONS[k]}"]
+    return "\n".join(lines)
 
-    return "config keys (defaults; set with --key=value or --key value, YAML syntax):\n" + "\n".join(
-        f"  {k} = {v!r}" for k, v in DEFAULTS.items())
+
+def _run_options(parser, out_help: str = OUT_HELP, out_files: bool = False) -> None:
+    """RUN, --device, --out, -q: what every command that reads a run shares (``out_files``: one
+    ``--out`` per file to write, repeatable)."""
+    parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--out", action="append" if out_files else "store", help=out_help)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _relaxation_options(parser, what: str) -> None:
+    _option(parser, "--top-k", type=positive_int, help=f"also {what} relaxed top-K robustness (default: the run's "
+            "top_k, if any; not with --affinity)")
+    parser.add_argument("--affinity", help=f"also {what} affinity robustness: a named set (cifar100-superclasses, "
+                        "fashion-mnist-groups) or a YAML/JSON file of class lists (default: the run's, if any; "
+                        "not with --top-k)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gloronet", description="Train and certify globally-robust (GloRo) networks.")
+    p = _Parser(prog="gloronet", formatter_class=_Help,
+                description="Train and certify globally-robust (GloRo) networks. `gloronet COMMAND --help` "
+                            "describes each command.")
     p.add_argument("--version", action="version", version=f"gloronet {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train a GloRo net from a YAML recipe", epilog=_config_keys(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Any config key can be overridden with --key=value or --key value (YAML syntax), "
-                                   "e.g. --epochs=5 --lr=5e-4.")
-    t.add_argument("-c", "--config", help="YAML recipe (see configs/)")
-    t.add_argument("--out", required=True, help="run directory (checkpoints, log.csv, reports)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                   "its own config.yaml (--epochs=N extends it on the original schedule)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str, **kw):
+        return sub.add_parser(name, help=help, description=kw.pop("description", help), formatter_class=_Help, **kw)
+
+    t = command("train", "train a GloRo net from a YAML recipe", epilog=_config_keys(),
+                description="Train a GloRo net. Any config key can be set with --key=value or --key value (YAML "
+                            "syntax), e.g. --epochs=5 --lr=5e-4; the keys are listed below.")
+    t.add_argument("-c", "--config", help="YAML recipe, e.g. configs/mnist-2c2f-eps0.3.yaml (default: the "
+                   "defaults listed below)")
+    t.add_argument("--out", required=True, help="run directory: config.yaml, log.csv, history.json, model files, "
+                   "state.pt (README: Output files)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                       "with its own config.yaml (--epochs=N extends it on the original schedule)")
+    again.add_argument("--restart", action="store_true", help="train the run in --out again from epoch 0 with its "
+                       "own config.yaml; its previous files move into --out/previous-<time>/ (e.g. a run that has "
+                       "weights but no state.pt)")
     t.add_argument("--tensorboard", action="store_true", help="also log every epoch to <out>/tensorboard")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars (the epoch lines stay)")
-    c = sub.add_parser("certify", help="certify a trained run on a dataset split (sound bound only)")
-    c.add_argument("run_dir")
+
+    c = command("certify", "certify a trained model on a dataset split (sound bound only)")
+    _run_options(c)
     c.add_argument("--eps", type=positive_float, nargs="+",
                    help="ε values; the first becomes the target (default: the run's ε)")
-    c.add_argument("--dataset", help="default: the run's dataset")
-    _option(c, "--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
-    c.add_argument("--split", default="test", choices=["train", "test"])
-    c.add_argument("--limit", type=positive_int, help="certify only the first N examples")
-    _option(c, "--batch-size", type=positive_int, default=512)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--out", help="where to write certify.{json,md,png} (default: the run directory)")
+    c.add_argument("--dataset", help="for runs that do not record their dataset (default: the run's dataset)")
+    _option(c, "--data-dir", help="dataset root folder; must exist (default: the run's, then $GLORONET_DATA, "
+            "~/.cache/gloronet, ...)")
+    c.add_argument("--split", default="test", choices=["train", "test"], help="dataset split")
+    c.add_argument("--limit", type=positive_int, help="certify only the first N examples (default: all)")
+    _option(c, "--batch-size", type=positive_int, default=512, help="images per forward pass")
     c.add_argument("--arithmetic", default="float", choices=["float", "exact"],
-                   help="float (default): certificates sound for the floating-point forward pass; exact: the "
+                   help="float (the default): certificates sound for the floating-point forward pass; exact: the "
                         "real-arithmetic test of the GloRo paper, which ignores rounding (for comparison with papers)")
-    _option(c, "--top-k", type=positive_int, help="also certify relaxed top-K robustness (default: the run's top_k)")
-    c.add_argument("--affinity", help="also certify affinity robustness: a named set "
-                   "(cifar100-superclasses, fashion-mnist-groups) or a YAML/JSON file of class lists (default: the run's)")
-    c.add_argument("-q", "--quiet", action="store_true")
-    e = sub.add_parser("export", help="export a run's model with its sound pairwise constants frozen in (ONNX or torch)")
-    e.add_argument("run_dir")
-    e.add_argument("--format", default="onnx", choices=["onnx", "torch"],
-                   help="onnx: model.onnx (extra `export`); torch: model.pt2 (torch.export)")
-    e.add_argument("--out", help="the exported file (default: the run directory's model.onnx / model.pt2); the "
-                   "model card is written beside it as <file>.card.json")
-    _add_studies(sub)
-    sub.add_parser("models", help="list registered architectures")
+    _relaxation_options(c, "certify")
+
+    pr = command("predict", "classify your own images or arrays and certify each prediction",
+                 description="Classify your own files and certify each prediction: PNG / JPEG images (8-bit, exactly "
+                             "the model's size: never resized), .npy / .npz arrays (channels first; uint8 pixels or "
+                             "floats in the model's input range), or folders of them. Prints a table; --out writes "
+                             "it as JSON or CSV.")
+    _run_options(pr, "also write the predictions to this .json or .csv file; repeat for both (default: print only)",
+                 out_files=True)
+    pr.add_argument("files", nargs="+", metavar="FILE", help="images, .npy / .npz files or folders of them")
+    pr.add_argument("--eps", type=positive_float, help="certify at this ε (default: the run's ε)")
+    _option(pr, "--batch-size", type=positive_int, default=256, help="inputs per forward pass")
+    _relaxation_options(pr, "certify")
+
+    e = command("export", "export a model with its sound pairwise constants frozen in (ONNX or torch)")
+    e.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    e.add_argument("--format", choices=["onnx", "torch"],
+                   help="onnx: a .onnx file (extra `export`); torch: a .pt2 file (torch.export) (default: the one "
+                        "--out's suffix names, else onnx)")
+    e.add_argument("--out", help="the exported file, .onnx or .pt2; the model card goes beside it as <file>.card.json "
+                   "(default: model.onnx / model.pt2 in the run directory, or in ./<name>/ for a pretrained model)")
+    _add_studies(command)
+    m = command("models", "list the architectures (with parameter counts) or the shipped pretrained models")
+    m.add_argument("--pretrained", action="store_true", help="list the shipped, trained models: name, dataset, ε, "
+                   "clean accuracy, VRA")
+    m.add_argument("--dataset", default="mnist", help="count parameters for this dataset's input shape and classes")
     return p
 
 
-def _add_studies(sub) -> None:
+def _add_studies(command) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("run_dir", help="a run directory written by `gloronet train`")
+    _run_options(common)
     common.add_argument("--eps", type=positive_float, help="ε (default: the run's)")
-    common.add_argument("--limit", type=positive_int, help="use the first N test images (default: all for attack/degrade, 1000 "
-                        "for overfit/tightness; privacy: N members and N non-members, default 1000)")
-    common.add_argument("--out", help="where to write the reports (default: the run directory)")
-    common.add_argument("--dataset", help="default: the run's dataset")
-    _option(common, "--data-dir", help="dataset directory (default: the run's, then GLORONET_DATA, caches)")
-    common.add_argument("--device", default="auto")
-    _option(common, "--batch-size", type=positive_int, default=256)
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--limit", type=positive_int, help="use the first N test images (default: all for "
+                        "attack/degrade, 1000 for overfit/tightness; privacy: N members and N non-members, 1000)")
+    common.add_argument("--dataset", help="for runs that do not record their dataset (default: the run's dataset)")
+    _option(common, "--data-dir", help="dataset root folder; must exist (default: the run's, then $GLORONET_DATA, "
+            "~/.cache/gloronet, ...)")
+    _option(common, "--batch-size", type=positive_int, default=256, help="images per forward pass")
     attack = argparse.ArgumentParser(add_help=False)
     attack.add_argument("--steps", type=int, default=100, help="iterations per attack run")
     attack.add_argument("--restarts", type=int, default=2, help="PGD runs (the first from the clean point)")
     attack.add_argument("--targets", type=int, default=3, help="APGD-T target classes")
-    attack.add_argument("--seed", type=int, default=0)
-    sub.add_parser("attack", parents=[common, attack], help="PGD/APGD attacks at ε and at each certified radius "
-                   "(exit 1 if a certificate breaks)")
-    d = sub.add_parser("degrade", parents=[common, attack], help="degradation (DoS) attack on certification")
-    d.add_argument("--defended", help="a second run (e.g. trained with degradation_defense: true) to compare")
-    p = sub.add_parser("privacy", parents=[common], help="membership inference (loss, confidence, certified radius)")
-    p.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare")
+    attack.add_argument("--seed", type=int, default=0, help="random starts")
+    command("attack", "PGD/APGD attacks at ε and at each certified radius (exit 1 if a certificate breaks)",
+            parents=[common, attack])
+    d = command("degrade", "degradation (DoS) attack on certification", parents=[common, attack])
+    d.add_argument("--defended", help="a second run of the same dataset (e.g. trained with degradation_defense: true) "
+                   "to compare (default: none)")
+    p = command("privacy", "membership inference (loss, confidence, certified radius)", parents=[common])
+    p.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare (default: none)")
     p.add_argument("--seed", type=int, default=0, help="member / non-member sampling")
-    o = sub.add_parser("overfit", parents=[common], help="robust overfitting curves and attribution maps")
-    o.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare")
+    o = command("overfit", "robust overfitting curves and attribution maps", parents=[common])
+    o.add_argument("--twin", help="the non-robust twin run (loss: standard) to compare (default: none)")
     o.add_argument("--images", type=positive_int, default=8, help="images in the attribution grid")
     _option(o, "--ig-steps", type=positive_int, default=32, help="integrated-gradients steps")
-    t = sub.add_parser("tightness", parents=[common], help="empirical Lipschitz lower bounds vs the sound bounds")
+    t = command("tightness", "empirical Lipschitz lower bounds vs the sound bounds", parents=[common])
     t.add_argument("--iters", type=positive_int, default=50, help="power iterations")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each command's parser, by name."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    return dict(action.choices)
+
+
+def _option_names(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]  # noqa: SLF001
+
+
+def _check_usage(parser, argv: list[str]) -> tuple[argparse.Namespace, list[str]] | int:
+    """Parsed arguments and the train command's config overrides, or the exit status of a usage
+    problem (already reported: help for a bare command, one line with "did you mean" otherwise)."""
+    subs = subparsers(parser)
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    if not argv[0].startswith("-") and argv[0] not in subs:
+        print(f"gloronet: error: unknown command {argv[0]!r}{did_you_mean(argv[0], subs)}; commands: "
+              f"{', '.join(subs)}", file=sys.stderr)
+        return 2
+    if argv[0] in subs and len(argv) == 1 and any(a.required for a in subs[argv[0]]._actions):  # noqa: SLF001
+        subs[argv[0]].print_help(sys.stderr)
+        return 2
     try:
         args, unknown = parser.parse_known_args(argv)
+        sub = subs[args.command]
         if args.command != "train" and unknown:
-            parser.parse_args(argv)  # the subcommand's parser names the unrecognised argument
+            first = unknown[0].split("=")[0]
+            hint = did_you_mean(first, _option_names(sub)) if first.startswith("-") else ""
+            sub.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        if args.command == "train":
+            try:
+                keys = parse_overrides(unknown)
+            except ValueError as err:
+                sub.error(str(err))
+            bad = [k for k in keys if k not in FIELDS]
+            if bad:
+                known = _option_names(sub) + [f"--{f}" for f in FIELDS]
+                sub.error(f"unknown option or config key --{bad[0]}{did_you_mean('--' + bad[0], known)}; "
+                          "`gloronet train --help` lists both")
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
         return int(e.code or 0)
-    commands = {"train": lambda: _train(args, unknown), "certify": lambda: _certify(args),
-                "export": lambda: _export(args), "models": lambda: _models(args)}
+    return args, unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsed = _check_usage(build_parser(), argv)
+    if isinstance(parsed, int):
+        return parsed
+    args, unknown = parsed
+    run = {"train": lambda: commands.train(args, unknown, argv), "certify": lambda: commands.certify(args),
+           "predict": lambda: commands.predict(args), "export": lambda: commands.export(args),
+           "models": lambda: commands.models(args)}
     try:
-        return commands.get(args.command, lambda: _evaluate(args))()
+        return run.get(args.command, lambda: commands.evaluate(args))()
     except (ValueError, OSError, RuntimeError, TypeError, ImportError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"gloronet {args.command}: error: {message}", file=sys.stderr)

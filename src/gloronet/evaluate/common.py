@@ -1,20 +1,21 @@
 """What every study shares: a run directory opened for evaluation, its data, per-point
-certificates, and the report files ``<name>.json`` / ``<name>.md`` / ``<name>.png``.
+certificates, and the report files (:func:`gloronet.reports.write_report`).
 
 Only public interfaces: :func:`gloronet.runs.open_run` (the model, the run's ``config.yaml``),
-``log.csv``, :meth:`GloroNet.certify` and the atomic writers of :mod:`gloronet.runs`.
+``log.csv``, :meth:`GloroNet.certify`, :mod:`gloronet.reports` and the atomic writers of
+:mod:`gloronet.runs`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..runs import Run, open_run, write_bytes, write_json, write_text
+from ..reports import write_report
+from ..runs import Run, open_run, write_bytes
 
-__all__ = ["Run", "open_run", "steps", "certify_points", "vra", "write_outputs", "save_counterexamples", "pct"]
+__all__ = ["Run", "open_run", "steps", "certify_points", "vra", "write_report", "save_counterexamples", "pct"]
 
 COUNTEREXAMPLES = "{name}-counterexamples.safetensors"
 
@@ -30,6 +31,8 @@ def steps(n: int, batch_size: int, desc: str, progress: bool):
 def certify_points(run: Run, images: torch.Tensor, batch_size: int = 512, progress: bool = False,
                    desc: str = "certify") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-point ``(pred, radius)`` on the CPU from :meth:`GloroNet.certify` (sound radius)."""
+    if len(images) == 0:
+        raise ValueError("no images to certify (the dataset split is empty)")
     preds, radii = [], []
     for i in steps(len(images), batch_size, desc, progress):
         cert = run.net.certify(run.inputs(images[i : i + batch_size]))
@@ -41,19 +44,6 @@ def certify_points(run: Run, images: torch.Tensor, batch_size: int = 512, progre
 def vra(correct: torch.Tensor, radius: torch.Tensor, epsilon: float) -> float:
     """Verified-robust accuracy: correct and certified (``radius > ε``, as ``certify``)."""
     return float((correct & (radius > epsilon)).double().mean()) if len(correct) else 0.0
-
-
-def write_outputs(out_dir: str | Path, name: str, report: dict, markdown: str,
-                  plot: Callable[[Path], bool] | None = None) -> dict[str, Path]:
-    """``<name>.json`` (keys starting with ``_`` left out), ``<name>.md`` and, when ``plot``
-    draws one (matplotlib installed), ``<name>.png`` — each written atomically."""
-    out = Path(out_dir)
-    write_json(out / f"{name}.json", {k: v for k, v in report.items() if not k.startswith("_")})
-    write_text(out / f"{name}.md", markdown)
-    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    if plot is not None and plot(out / f"{name}.png"):
-        paths["plot"] = out / f"{name}.png"
-    return paths
 
 
 def save_counterexamples(report: dict, out_dir: str | Path, name: str) -> Path | None:
