@@ -3,15 +3,21 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build available offline on the dev/CI machines; GPU users install their own CUDA torch.
 TORCH_SPEC ?= torch==2.13.0
-DATA_DIR ?= $(if $(GLORONET_DATA),$(GLORONET_DATA),$(CURDIR)/.data)
+# PyTorch's CPU-only index: without it pip takes PyPI's default Linux wheel, the CUDA build (several
+# GB). GPU machines: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` (their CUDA
+# version). The dev/CI machines have no route to it but the CPU wheel on local disk:
+# `TORCH_INDEX=` (empty; .ci/run sets it) skips the index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Where `make data` puts MNIST: $GLORONET_DATA if set, else gloronet's first cache root — a place
+# `gloronet` searches from any directory (gloronet.data: $XDG_CACHE_HOME/gloronet or ~/.cache/gloronet).
+DATA_DIR ?= $(or $(GLORONET_DATA),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/gloronet)
 
 .PHONY: test venv data demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -33,8 +39,8 @@ data:
 
 demo: $(VENV)/.installed data
 	rm -rf runs/demo
-	GLORONET_DATA="$(DATA_DIR)" $(VENV)/bin/gloronet train -c configs/demo-mnist.yaml --out runs/demo
-	GLORONET_DATA="$(DATA_DIR)" $(VENV)/bin/gloronet certify runs/demo
+	$(VENV)/bin/gloronet train -c configs/demo-mnist.yaml --out runs/demo --data_dir "$(DATA_DIR)"
+	$(VENV)/bin/gloronet certify runs/demo
 
 bench: $(VENV)/.installed data
 	GLORONET_DATA="$(DATA_DIR)" $(PY) benchmarks/vra.py --config configs/mnist-2c2f-eps0.3.yaml --epochs 30
