@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-# PyTorch's CPU-only index: without it pip takes PyPI's default Linux wheel, the CUDA build (several
-# GB). GPU machines: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` (their CUDA
-# version). The dev/CI machines have no route to it but the CPU wheel on local disk:
-# `TORCH_INDEX=` (empty; .ci/run sets it) skips the index.
+# PyTorch's CPU-only index, beside PyPI: its 2.13.0+cpu outranks PyPI's default Linux wheel, the
+# CUDA build (several GB); the other packages come from PyPI. A CUDA build instead:
+# `make venv TORCH_INDEX=` (PyPI's) or the cuXXX index of your CUDA version. The dev/CI machines
+# have no route to download.pytorch.org but the CPU wheel on local disk: `TORCH_INDEX=` there
+# (.ci/run sets it) saves pip a minute of retries.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Where `make data` puts MNIST: $GLORONET_DATA if set, else gloronet's first cache root — a place
 # `gloronet` searches from any directory (gloronet.data: $XDG_CACHE_HOME/gloronet or ~/.cache/gloronet).
@@ -17,7 +18,7 @@ DATA_DIR ?= $(or $(GLORONET_DATA),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/glorone
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
