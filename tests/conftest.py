@@ -4,7 +4,8 @@ Every oracle here is independent of ``gloronet.bounds``: operators are materiali
 impulses through the layer's own ``forward`` (in a float64 copy, bias removed by subtracting the
 response to zero), norms come from a full SVD (``torch.linalg.matrix_norm(A, 2)``), and
 adjoints come from autograd, never from ``bounds.conv2d_adjoint``. :func:`train_briefly` is the
-small GloRo training loop the attack tests share.
+small GloRo training loop the attack tests share; :func:`train_tiny_run` and :func:`one_line_error`
+serve the tests of the command line.
 """
 from __future__ import annotations
 
@@ -98,3 +99,22 @@ def train_briefly(net, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int,
         loss.backward()
         opt.step()
     return net.eval()
+
+
+def train_tiny_run(out, data_dir, *extra: str):
+    """A one-epoch run on 128 training and 32 test images, trained through the CLI: the model that
+    tests of the commands reading a run start from. Returns ``out``."""
+    from gloronet import cli
+
+    assert cli.main(["train", "--out", str(out), f"--data_dir={data_dir}", "--epochs=1", "--train_limit=128",
+                     "--test_limit=32", "--batch_size=64", "-q", *extra]) == 0
+    return out
+
+
+def one_line_error(capsys, *words: str) -> str:
+    """The command's stderr is one line holding every one of ``words``; returns it."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    for w in words:
+        assert w in err, err
+    return err

@@ -20,6 +20,7 @@ from gloronet import cli, models
 from gloronet.config import DESCRIPTIONS, FIELDS, build_config
 from gloronet.train import LOG_FIELDS
 
+from conftest import train_tiny_run
 from test_train import data_dir  # noqa: F401  (module-scoped dataset fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):  # noqa: F811
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert cli.main(["train", "--out", str(out), f"--data_dir={data_dir}", "--epochs=1", "--train_limit=128",
-                     "--test_limit=32", "--batch_size=64", "-q"]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "run", data_dir)
 
 
 def test_train_help_describes_every_config_key(capsys):

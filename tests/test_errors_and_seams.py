@@ -17,6 +17,7 @@ from gloronet import cli
 from gloronet.certify import certify_dataset
 from gloronet.data import DatasetNotFoundError, load_dataset
 
+from conftest import one_line_error, train_tiny_run
 from test_train import data_dir  # noqa: F401  (module-scoped dataset fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,18 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):  # noqa: F811
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert cli.main(["train", "--out", str(out), f"--data_dir={data_dir}", "--epochs=1", "--train_limit=128",
-                     "--test_limit=32", "--batch_size=64", "-q"]) == 0
-    return out
-
-
-def _one_line(capsys, *words: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    for w in words:
-        assert w in err, err
-    return err
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "run", data_dir)
 
 
 def test_weights_of_another_architecture_are_one_short_line(tmp_path, run, capsys):
@@ -45,7 +35,7 @@ def test_weights_of_another_architecture_are_one_short_line(tmp_path, run, capsy
     meta["model"]["name"] = "4c3f"
     (r / "model.json").write_text(json.dumps(meta))
     assert cli.main(["certify", str(r), "-q"]) == 2
-    err = _one_line(capsys, f"{r / 'model.safetensors'} does not fit the model in model.json (4c3f)", "missing (",
+    err = one_line_error(capsys, f"{r / 'model.safetensors'} does not fit the model in model.json (4c3f)", "missing (",
                     "unexpected (", "of another shape (")
     assert len(err) < 600, len(err)  # not torch's listing of every tensor
 
@@ -55,9 +45,9 @@ def test_a_data_dir_that_does_not_exist_is_refused(tmp_path, run, data_dir, monk
     with pytest.raises(DatasetNotFoundError, match="data directory .*typo not found"):
         load_dataset("mnist", "test", tmp_path / "typo", limit=4)
     assert cli.main(["certify", str(run), "--data-dir", str(tmp_path / "typo"), "--limit", "4", "-q"]) == 2
-    _one_line(capsys, f"data directory {tmp_path / 'typo'} not found", "must name an existing folder")
+    one_line_error(capsys, f"data directory {tmp_path / 'typo'} not found", "must name an existing folder")
     assert cli.main(["train", "--out", str(tmp_path / "new"), f"--data_dir={tmp_path / 'typo'}", "-q"]) == 2
-    _one_line(capsys, "not found")
+    one_line_error(capsys, "not found")
     assert not (tmp_path / "new").exists()  # a run that fails to start leaves no directory
 
 
@@ -101,7 +91,7 @@ def test_top_k_and_affinity_are_never_merged(tmp_path, run, capsys, monkeypatch)
     cfg["affinity"] = "fashion-mnist-groups"  # as if trained for affinity robustness
     (r / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert cli.main(["certify", str(r), "--limit", "16", "-q", "--top-k", "2", "--affinity", "fashion-mnist-groups"]) == 2
-    _one_line(capsys, "give --top-k or --affinity, not both")
+    one_line_error(capsys, "give --top-k or --affinity, not both")
     assert cli.main(["certify", str(r), "--limit", "16", "-q", "--top-k", "2"]) == 0
     rel = json.loads((r / "certify-n16-top2.json").read_text())["relaxed"]
     assert rel["kind"] == "rtk" and rel["top_k"] == 2 and "groups" not in rel  # not the run's affinity merged in

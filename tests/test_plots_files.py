@@ -11,6 +11,7 @@ import pytest
 from gloronet import cli
 from gloronet.export import format_of
 
+from conftest import train_tiny_run
 from test_train import data_dir  # noqa: F401  (module-scoped dataset fixture)
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -22,10 +23,7 @@ FAST = ["--limit", "12", "-q", "--steps", "2", "--restarts", "1", "--targets", "
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):  # noqa: F811
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert cli.main(["train", "--out", str(out), f"--data_dir={data_dir}", "--epochs=1", "--train_limit=128",
-                     "--test_limit=32", "--batch_size=64", "-q", "--lr=0.0015"]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "run", data_dir, "--lr=0.0015")
 
 
 @pytest.fixture

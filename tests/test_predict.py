@@ -14,18 +14,16 @@ from gloronet import cli
 from gloronet.checkpoint import load_model
 from gloronet.data import load_dataset
 
+from conftest import one_line_error, train_tiny_run
 from test_train import data_dir  # noqa: F401  (module-scoped dataset fixture)
 
 PIL = pytest.importorskip("PIL.Image")
 pytestmark = pytest.mark.usefixtures("single_thread")
-TINY = ["--epochs=1", "--train_limit=256", "--test_limit=32", "--batch_size=64", "-q"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):  # noqa: F811
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert cli.main(["train", "--out", str(out), f"--data_dir={data_dir}", *TINY]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "run", data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +32,7 @@ def pixels(data_dir):  # noqa: F811
 
 
 def _one_line(capsys, *words):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("gloronet predict: error: "), err
-    for w in words:
-        assert w in err, err
+    assert one_line_error(capsys, *words).startswith("gloronet predict: error: ")
 
 
 def test_files_folders_arrays_and_their_radii(run, pixels, tmp_path, capsys):

@@ -20,6 +20,7 @@ import gloronet
 from gloronet import cli, runlock, runs
 from gloronet.reports import report_name
 
+from conftest import one_line_error, train_tiny_run
 from test_train import data_dir  # noqa: F401  (module-scoped dataset fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,19 +32,9 @@ def _train(out: Path, data_dir: Path, *extra: str) -> list[str]:  # noqa: F811
     return ["train", "--out", str(out), f"--data_dir={data_dir}", "--epochs=1", *TINY, *extra]
 
 
-def _one_line(capsys, *words: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    for w in words:
-        assert w in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):  # noqa: F811
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert cli.main(_train(out, data_dir)) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "run", data_dir)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -61,9 +52,9 @@ def test_a_live_run_is_refused_and_a_killed_ones_lock_is_stale(tmp_path, run, ca
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert cli.main(["train", "--out", str(r), "--resume", "--epochs=2", "-q"]) == 2
-        _one_line(capsys, f"{r} is being trained by pid {holder.pid}", "two processes must not write one run")
+        one_line_error(capsys, f"{r} is being trained by pid {holder.pid}", "two processes must not write one run")
         assert cli.main(["train", "--out", str(r), "--restart", "-q"]) == 2
-        _one_line(capsys, "is being trained by")
+        one_line_error(capsys, "is being trained by")
         assert json.loads((r / runlock.LOCK_NAME).read_text())["pid"] == holder.pid
     finally:
         holder.kill()  # kill -9: the process cannot clean up
@@ -111,7 +102,7 @@ def test_a_disk_full_first_checkpoint_still_resumes(tmp_path, data_dir, capsys, 
     out = tmp_path / "run"
     _fail_once(monkeypatch, full_at)
     assert cli.main(_train(out, data_dir)) == 2
-    _one_line(capsys, f"cannot write {out / full_at}: No space left on device")
+    one_line_error(capsys, f"cannot write {out / full_at}: No space left on device")
     assert cli.main(["train", "--out", str(out), "--resume", "-q"]) == 0  # no stuck run
     state = runs.load_state(out)
     net = runs.load_model(out)  # written, and it holds the weights of state.pt
@@ -123,7 +114,7 @@ def test_restart_a_run_with_weights_but_no_state(tmp_path, run, capsys):
     (r / "state.pt").unlink()
     old_weights = (r / "model.safetensors").read_bytes()
     assert cli.main(["train", "--out", str(r), "--resume", "-q"]) == 2
-    _one_line(capsys, "no state.pt", f"gloronet train --out {r} --restart")
+    one_line_error(capsys, "no state.pt", f"gloronet train --out {r} --restart")
     assert cli.main(["train", "--out", str(r), "--restart", "--test_limit=16", "-q"]) == 0
     assert "restarting" in capsys.readouterr().out
     previous = list(r.glob("previous-*"))
@@ -133,7 +124,7 @@ def test_restart_a_run_with_weights_but_no_state(tmp_path, run, capsys):
     assert history[-1]["kind"] == "restart" and history[-1]["set_aside"] == str(previous[0])
     assert history[-1]["changed"] == {"test_limit": [32, 16]}
     assert cli.main(["train", "--out", str(r), "--restart", "--lr=0.5", "-q"]) == 2  # still the same experiment
-    _one_line(capsys, "another experiment", "lr")
+    one_line_error(capsys, "another experiment", "lr")
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -196,7 +187,7 @@ def test_a_model_of_another_dataset_is_refused_before_any_data_is_read(tmp_path,
     ]
     for args, words in cases:
         assert cli.main(args) == 2, args
-        _one_line(capsys, *words)
+        one_line_error(capsys, *words)
 
 
 def test_a_run_trained_elsewhere_looks_its_data_up(tmp_path, run, data_dir, monkeypatch):  # noqa: F811

@@ -12,28 +12,19 @@ files went) and the provenance of :func:`gloronet.provenance.provenance` (``glor
 from __future__ import annotations
 
 import datetime
-import json
 import socket
 from pathlib import Path
 
 import torch
 
 from .provenance import provenance
-from .runs import HISTORY, RunError, write_json
+from .runs import HISTORY, read_json, write_json
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
     """The sessions recorded so far (``[]`` for a run without ``history.json``)."""
     path = Path(run_dir) / HISTORY
-    if not path.is_file():
-        return []
-    try:
-        sessions = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(sessions, list):
-        raise RunError(f"{path} is not a list of sessions")
-    return sessions
+    return read_json(path, list) if path.is_file() else []
 
 
 def changes(before: dict | None, now: dict) -> dict:

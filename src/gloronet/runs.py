@@ -131,13 +131,15 @@ def check_writable(folder: str | Path) -> None:
     probe.unlink(missing_ok=True)
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, kind: type = dict) -> Any:
+    """A JSON file holding an object (``kind=dict``) or a list (``kind=list``); anything else, or
+    invalid JSON, is one :class:`RunError` line naming the file."""
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path} is not valid JSON: {_cause(e)}") from None
-    if not isinstance(meta, dict):
-        raise RunError(f"{path} is not a JSON object")
+    if not isinstance(meta, kind):
+        raise RunError(f"{path} is not a JSON {'object' if kind is dict else 'list'}")
     return meta
 
 
