@@ -32,6 +32,7 @@ def test_key_space_value_and_bare_flags():
     ("--seed=-1", "seed must be an integer >= 0, got -1"),
     ("--augment=foo", "augment must be a mapping"),
     ("--augment={crop: 2}", "augment has unknown key"),
+    ("--augment={crop_padding:2}", "YAML needs a space after each colon"),
     ("--augment={crop_padding: -1}", "augment needs crop_padding"),
     ("--eval_every=0", "eval_every must be an integer >= 1"),
     ("--certify_epsilons=[0.1, -1]", "certify_epsilons must be a list of numbers > 0"),

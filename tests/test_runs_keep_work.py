@@ -109,6 +109,21 @@ def test_a_disk_full_first_checkpoint_still_resumes(tmp_path, data_dir, capsys, 
     assert state["epoch"] == 1 and runs.weights_hash(state["model"]) == runs.weights_hash(net.state_dict())
 
 
+def test_resume_rewrites_damaged_model_files_from_state(tmp_path, run, capsys):
+    r = _copy(run, tmp_path / "r")
+    good = (r / "model.safetensors").read_bytes()
+    (r / "model.safetensors").write_bytes(good[:100])  # model.json still names the right SHA-256
+    assert cli.main(["certify", str(r), "-q"]) == 2
+    one_line_error(capsys, "model.safetensors is corrupt")
+    assert cli.main(["train", "--out", str(r), "--resume", "-q"]) == 0  # all epochs trained: only the repair
+    assert (r / "model.safetensors").read_bytes() == good
+    (r / "history.json").write_text("[{")
+    assert cli.main(["train", "--out", str(r), "--resume", "-q"]) == 2
+    one_line_error(capsys, "history.json is not valid JSON", "move it away to continue")
+    assert cli.main(["certify", str(r / "model.json"), "-q"]) == 2
+    one_line_error(capsys, "model.json is a file: name the run directory that holds it")
+
+
 def test_restart_a_run_with_weights_but_no_state(tmp_path, run, capsys):
     r = _copy(run, tmp_path / "r")
     (r / "state.pt").unlink()

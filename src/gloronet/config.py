@@ -99,7 +99,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
         unknown = set(self.augment) - AUGMENT_KEYS
         if unknown:
-            raise ValueError(f"augment has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(AUGMENT_KEYS))}")
+            colon = " (YAML needs a space after each colon: {crop_padding: 4})" if any(":" in str(k) for k in unknown) else ""
+            raise ValueError(f"augment has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(AUGMENT_KEYS))}{colon}")
         if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e > 0
                    for e in self.certify_epsilons):
             raise ValueError(f"certify_epsilons must be a list of numbers > 0, got {self.certify_epsilons!r}")

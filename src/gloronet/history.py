@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 
 from .provenance import provenance
-from .runs import HISTORY, read_json, write_json
+from .runs import HISTORY, RunError, read_json, write_json
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
     """The sessions recorded so far (``[]`` for a run without ``history.json``)."""
     path = Path(run_dir) / HISTORY
-    return read_json(path, list) if path.is_file() else []
+    try:
+        return read_json(path, list) if path.is_file() else []
+    except RunError as e:
+        raise RunError(f"{e} (the run's other files do not depend on it: move it away to continue)") from None
 
 
 def changes(before: dict | None, now: dict) -> dict:

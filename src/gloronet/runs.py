@@ -193,12 +193,9 @@ def read_model_meta(run_dir: str | Path) -> dict:
     return meta
 
 
-def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> GloroNet:
-    """Rebuild a GloroNet from ``model.json`` and ``model.safetensors``, in eval mode.
-
-    The weights must match the SHA-256 in ``model.json`` (when it has one) and be finite;
-    ``net.input_range`` is the range of inputs the model was trained on.
-    """
+def read_model_files(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(model.json, the weights of model.safetensors)``, the weights checked against the SHA-256
+    in ``model.json`` (when it has one); a missing, damaged or mismatched file is one :class:`RunError`."""
     run_dir = Path(run_dir)
     meta = read_model_meta(run_dir)
     weights_path = run_dir / "model.safetensors"
@@ -211,6 +208,18 @@ def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
     if "sha256" in meta and weights_hash(state) != meta["sha256"]:
         raise RunError(f"{weights_path} does not match the SHA-256 in model.json: the weights were changed or "
                        "damaged after training")
+    return meta, state
+
+
+def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> GloroNet:
+    """Rebuild a GloroNet from ``model.json`` and ``model.safetensors``, in eval mode.
+
+    The weights must match the SHA-256 in ``model.json`` (when it has one) and be finite;
+    ``net.input_range`` is the range of inputs the model was trained on.
+    """
+    run_dir = Path(run_dir)
+    meta, state = read_model_files(run_dir)
+    weights_path = run_dir / "model.safetensors"
     cfg = dict(meta["model"])
     try:
         net = models.create(cfg.pop("name"), cfg.pop("in_shape"), cfg.pop("num_classes"), meta["epsilon"], **cfg)
@@ -428,6 +437,8 @@ def locate_run(arg: str | Path) -> tuple[Path, str | None]:
     shipped = pretrained.resolve(str(arg))
     if shipped is not None:
         return shipped, str(arg)
+    if path.is_file():
+        raise RunError(f"{arg} is a file: name the run directory that holds it")
     if not path.is_dir():
         known = ", ".join(pretrained.names()) or "none shipped in this version"
         raise FileNotFoundError(f"run directory {arg} not found, nor a pretrained model of that name (pretrained: {known})")

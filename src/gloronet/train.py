@@ -33,7 +33,7 @@ from .losses import make_loss
 from .optim import make_optimizer
 from .provenance import provenance
 from .relaxed import make_relaxation
-from .runs import (RunError, check_new_run, clean_temps, load_state, load_weights, read_config, read_model_meta,
+from .runs import (RunError, check_new_run, clean_temps, load_state, load_weights, read_config, read_model_files,
                    resume_config, save_model, save_state, set_aside, weights_hash, write_config, write_text)
 from .schedules import make_schedule
 
@@ -271,10 +271,10 @@ def _header(out: Path, kind: str, start_epoch: int, cfg: TrainConfig, device, so
 
 
 def _model_file_is_behind(out: Path, state: dict) -> bool:
-    """Do ``model.json`` / ``model.safetensors`` lack the weights of ``state.pt`` (a checkpoint cut
-    short after ``state.pt`` was written)?"""
+    """Do ``model.json`` / ``model.safetensors`` lack (or hold damaged) the weights of ``state.pt``
+    (e.g. a checkpoint cut short after ``state.pt`` was written)?"""
     try:
-        return read_model_meta(out).get("sha256") != weights_hash(state["model"])
+        return weights_hash(read_model_files(out)[1]) != weights_hash(state["model"])
     except RunError:
         return True
 
