@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from . import data
+from .config import read_yaml
 from .gloro import GloroNet
-from .runs import load_model, locate_run, read_model_meta, read_yaml, shape_text, write_text
+from .runs import load_model, locate_run, read_model_meta, shape_text, write_text
 
 INPUT_SUFFIXES = data.IMAGE_EXTENSIONS | {".npy", ".npz"}
 OUTPUT_SUFFIXES = (".json", ".csv")
