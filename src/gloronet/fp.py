@@ -35,44 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-# Error bounds are non-negative polynomials of non-negative float64 numbers; evaluated in float64
-# with at most 2²⁰ operations on any path their relative error is < 2²⁰·2⁻⁵³ < 2⁻³⁰ (Higham
-# Lemma 3.1), so multiplying by INFLATE (and rounding up once more) makes every one an upper bound.
-INFLATE = 1.0 + 2.0**-30
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """``u``: 2⁻²⁴ for float32, 2⁻⁵³ for float64 (the only dtypes certification accepts)."""
-    if dtype == torch.float32:
-        return 2.0**-24
-    if dtype == torch.float64:
-        return 2.0**-53
-    raise ValueError(f"floating-point error bounds are defined for float32 and float64, got {dtype}")
-
-
-def smallest_normal(dtype: torch.dtype) -> float:
-    """``λ``: the largest error one flushed (FTZ) result or operand (DAZ) can introduce."""
-    unit_roundoff(dtype)  # validates the dtype
-    return float(torch.finfo(dtype).tiny)
+from .bounds import nonneg_norm_bound, pow2_scales
+from .rounding import INFLATE, gamma, smallest_normal, unit_roundoff, up  # noqa: F401  (fp.gamma, fp.up, ...)
 
 
 def overflow_threshold(dtype: torch.dtype) -> float:
     """Magnitudes below this never overflow in ``dtype`` (half the largest finite value)."""
     return float(torch.finfo(dtype).max) / 2
-
-
-def gamma(n: int, dtype: torch.dtype) -> float:
-    """``γ_n = n·u / (1 − n·u)`` rounded up (inf when ``n·u ≥ 1/2``: no useful bound)."""
-    u = unit_roundoff(dtype)
-    nu = n * u  # exact: a power of two times an integer < 2⁵³
-    if nu >= 0.5:
-        return math.inf
-    return math.nextafter(math.nextafter(nu / (1.0 - nu), math.inf) * INFLATE, math.inf)
-
-
-def up(x: float) -> float:
-    """An upper bound of a non-negative error polynomial evaluated in float64 (see INFLATE)."""
-    return math.nextafter(float(x) * INFLATE, math.inf)
 
 
 @dataclass(frozen=True)
@@ -186,8 +155,6 @@ def affine_error_model(
     when the positions see disjoint inputs (dense layers, non-overlapping patches). ``depth``:
     rounding depth of the kernel (default ``n + 1``: any summation order).
     """
-    from .bounds import nonneg_norm_bound
-
     w = rows.detach().to(torch.float64).cpu()
     a = w.abs()
     b = None if bias is None else bias.detach().to(torch.float64).cpu()
@@ -224,8 +191,6 @@ def norm_upper(h: torch.Tensor) -> torch.Tensor:
     are measured again in float64, divided by a power of two (exact); a non-finite entry gives
     ``inf`` (nothing certifies).
     """
-    from .bounds import pow2_scales
-
     flat = h.detach().flatten(1)
     d = flat.shape[1]
     g = gamma(d + 2, flat.dtype)
