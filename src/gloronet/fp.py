@@ -7,7 +7,7 @@ Numerical Algorithms*, 2nd ed., §2.2, §3.1; Jin, Ohrimenko & Rubinstein, "Gett
 Guarantees", 2022; Murray, "Lipschitz-Based Robustness Certification Under Floating-Point
 Execution", 2026).
 
-Model of arithmetic (what :func:`sound_kernels` enforces where it can, see README):
+Model of arithmetic (what :func:`gloronet.kernels.sound_kernels` enforces where it can, see README):
 
 * IEEE 754 binary32 / binary64 in the model's dtype, round to nearest: ``fl(a∘b) = (a∘b)(1+δ)``,
   ``|δ| ≤ u`` (``u = 2⁻²⁴`` / ``2⁻⁵³``); fused multiply-add and wider accumulators allowed.
@@ -28,14 +28,13 @@ error margin every certificate must clear.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import platform
 from dataclasses import dataclass
 
 import torch
 
 from .bounds import nonneg_norm_bound, pow2_scales
+from .kernels import no_autocast, sound_kernels  # noqa: F401  (fp.sound_kernels: the kernels assumed)
 from .rounding import INFLATE, gamma, smallest_normal, unit_roundoff, up  # noqa: F401  (fp.gamma, fp.up, ...)
 
 
@@ -207,82 +206,3 @@ def norm_upper(h: torch.Tensor) -> torch.Tensor:
                  + 2 * math.sqrt(d * smallest_normal(torch.float64))) * scale
         bound[bad] = torch.where(torch.isfinite(rows).all(dim=1), again, math.inf)
     return torch.nextafter(bound * INFLATE, torch.full_like(bound, math.inf))
-
-
-# --------------------------------------------------------------------------- kernels
-_PRECISION_LEAVES = (
-    ("cuda", "matmul"),
-    ("cudnn", "conv"),
-    ("cudnn", "rnn"),
-    ("mkldnn", "matmul"),
-    ("mkldnn", "conv"),
-    ("mkldnn", "rnn"),
-)
-
-
-def _precision_leaves() -> list:
-    out = []
-    for backend, op in _PRECISION_LEAVES:
-        obj = getattr(getattr(torch.backends, backend, None), op, None)
-        if obj is not None and hasattr(obj, "fp32_precision"):
-            out.append(obj)
-    return out
-
-
-def no_autocast(device_type: str):
-    """Autocast off for ``device_type`` (a no-op where torch has no autocast for it)."""
-    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
-    return torch.autocast(device_type=device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def sound_kernels():
-    """Run the enclosed code with the kernels the error model assumes, restoring all settings.
-
-    * float32 inner products in IEEE float32 everywhere (no TF32 / bf16): through the per-backend
-      ``fp32_precision`` API where torch has it (never reading the legacy flags, which raise once
-      the new API was used), the legacy ``allow_tf32`` flags otherwise;
-    * cuDNN off (its heuristics may pick Winograd or FFT convolutions, whose rounding is not a
-      sum of products) and NNPACK off (Winograd / FFT on the CPU); oneDNN stays on only on x86-64,
-      where PyTorch asks it for direct convolutions (elsewhere it may hand them to Arm Compute
-      Library's Winograd). Convolutions then run in oneDNN's direct / GEMM kernels or ATen's
-      im2col + GEMM (CPU) and ATen's im2col + cuBLAS (CUDA).
-
-    A ``GloroNet`` in eval mode runs its forward pass (and ``certify``) inside this context, so
-    ``net.eval()(x)`` is the program the certificates describe whatever the global settings; wrap
-    other code (e.g. ``net.body`` called alone) in it to get the same kernels.
-    """
-    leaves = _precision_leaves()
-    saved_leaves = [leaf.fp32_precision for leaf in leaves]
-    legacy = not leaves
-    if legacy:
-        saved_legacy = (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision(),
-        )
-    saved_cudnn = torch.backends.cudnn.enabled
-    saved_mkldnn = torch.backends.mkldnn.enabled
-    nnpack_flags = getattr(torch.backends.nnpack, "set_flags", None)
-    try:
-        if legacy:
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.set_float32_matmul_precision("highest")
-        for leaf in leaves:
-            leaf.fp32_precision = "ieee"
-        torch.backends.cudnn.enabled = False
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            torch.backends.mkldnn.enabled = False
-        saved_nnpack = nnpack_flags(False) if nnpack_flags is not None else None
-        yield
-    finally:
-        if nnpack_flags is not None and "saved_nnpack" in locals():
-            nnpack_flags(*saved_nnpack)
-        torch.backends.cudnn.enabled = saved_cudnn
-        torch.backends.mkldnn.enabled = saved_mkldnn
-        for leaf, value in zip(leaves, saved_leaves):
-            leaf.fp32_precision = value
-        if legacy:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy[:2]
-            torch.set_float32_matmul_precision(saved_legacy[2])

@@ -53,7 +53,7 @@ from ..bounds import (
     round_up,
     same_padding,
 )
-from . import accumulate
+from . import accumulate, depthwise
 from .activation import MinMax
 from .base import EvalCache, LipschitzModule, UnboundedLayerError
 
@@ -197,7 +197,11 @@ class LiResBlock(LipschitzModule):
                 offset = self.bias - mean
             out = x + r + offset.to(r.dtype).view(1, -1, 1, 1)
         else:
-            out = x + accumulate.conv2d(x, self.applied_residual_kernel(), None, 1, self.pads)
+            r = self.applied_residual_kernel()
+            if depthwise.needs_taps(self.width, r.shape, 1, 1):  # width 1: no Winograd
+                out = x + depthwise.conv2d_taps(x, r, None, self.pads)
+            else:
+                out = x + accumulate.conv2d(x, r, None, 1, self.pads)
             out = out + self.shift().to(out.dtype).view(1, -1, 1, 1)
         return self.act(out)
 
