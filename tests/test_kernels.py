@@ -78,6 +78,7 @@ class _Probe(LipschitzModule):
     optionally waiting for a gate, to interleave threads deterministically)."""
 
     norm_nonincreasing = True
+    derived_attributes = ("seen", "gate", "inside")  # instrumentation, never the map
 
     def __init__(self, seen: list, gate: threading.Event | None = None, inside: threading.Event | None = None):
         super().__init__()
