@@ -47,19 +47,19 @@ def _psd(n, seed, complex_=False, spread=1.0, top_gap=0.0):
 @pytest.mark.parametrize("n,spread", [(40, 1.0), (130, 1e-6), (130, 0.0)])
 def test_cholesky_certificate_sound_at_the_edge(complex_, n, spread):
     """μ a hair below, at and above λ_max: whenever the factorisation of μI − G runs to completion,
-    the certified bound is ≥ λ_max (the allowance covers a factorisation that passes below it),
-    and it passes once μ exceeds λ_max by a relative 1e-9."""
+    the certified bound (residual-based) is ≥ λ_max, and it passes once μ exceeds λ_max by a
+    relative 1e-9 — then within 1e-12 of μ."""
     g = _psd(n, seed=n, complex_=complex_, spread=spread)
     g = (g + g.mH) / 2
     lam = float(torch.linalg.eigvalsh(g)[-1])
-    dmax = float(g.diagonal().real.abs().max())
+    dmax = torch.tensor([float(g.diagonal().real.abs().max())], dtype=torch.float64)
     passed = []
     for rel in (-1e-6, -1e-9, -1e-12, -1e-14, 0.0, 1e-14, 1e-12, 1e-9, 1e-6):
-        mu = lam * (1 + rel)
-        ok = bool(bounds.eigen._cholesky_passes(g[None], torch.tensor([mu], dtype=torch.float64))[0])
-        if ok:
-            assert bounds.eigen._cholesky_bound(mu, n, dmax, 0.0) >= lam
-        passed.append(ok)
+        mu = torch.tensor([lam * (1 + rel)], dtype=torch.float64)
+        bound = float(bounds.eigen.cholesky_certificates(bounds.eigen._shifted(g[None], mu), mu, dmax, 0.0)[0])
+        if math.isfinite(bound):  # below λ_max a passing factor has a residual ≥ λ_max − μ
+            assert lam <= bound and (rel <= 0 or bound <= float(mu) * (1 + 1e-12))
+        passed.append(math.isfinite(bound))
     assert passed[0] is False and all(passed[-2:])
 
 

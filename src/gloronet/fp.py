@@ -35,7 +35,7 @@ import torch
 
 from .bounds import nonneg_norm_bound, pow2_scales
 from .kernels import no_autocast, sound_kernels  # noqa: F401  (fp.sound_kernels: the kernels assumed)
-from .rounding import INFLATE, gamma, smallest_normal, unit_roundoff, up  # noqa: F401  (fp.gamma, fp.up, ...)
+from .rounding import INFLATE, gamma, norm_upper_from, smallest_normal, unit_roundoff, up  # noqa: F401  (fp.gamma, fp.up, ...)
 
 
 def overflow_threshold(dtype: torch.dtype) -> float:
@@ -192,17 +192,13 @@ def norm_upper(h: torch.Tensor) -> torch.Tensor:
     """
     flat = h.detach().flatten(1)
     d = flat.shape[1]
-    g = gamma(d + 2, flat.dtype)
-    if g >= 0.25:  # no useful bound from a float32 reduction this long: widen first (exact)
-        flat, g = flat.to(torch.float64), gamma(d + 2, torch.float64)
-    lam = smallest_normal(flat.dtype)
-    bound = torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * (1 + 2 * g) + 2 * math.sqrt(d * lam)
+    if gamma(d + 2, flat.dtype) >= 0.25:  # no useful bound from a float32 reduction this long: widen first (exact)
+        flat = flat.to(torch.float64)
+    bound = norm_upper_from(torch.linalg.vector_norm(flat, dim=1), d, flat.dtype)
     bad = ~torch.isfinite(bound)
     if bad.any():
         rows = flat[bad].to(torch.float64)
         scale = pow2_scales(rows.abs().amax(dim=1))
-        g64 = gamma(d + 2, torch.float64)
-        again = (torch.linalg.vector_norm(rows / scale[:, None], dim=1) * (1 + 2 * g64)
-                 + 2 * math.sqrt(d * smallest_normal(torch.float64))) * scale
+        again = norm_upper_from(torch.linalg.vector_norm(rows / scale[:, None], dim=1), d, torch.float64) * scale
         bound[bad] = torch.where(torch.isfinite(rows).all(dim=1), again, math.inf)
     return torch.nextafter(bound * INFLATE, torch.full_like(bound, math.inf))

@@ -70,3 +70,16 @@ def mul_up(*factors: float) -> float:
 def sqrt_up(x: float) -> float:
     """An upper bound of ``√x`` (correctly rounded, then up; inf stays inf)."""
     return round_up(math.sqrt(x)) if math.isfinite(x) else math.inf
+
+
+def norm_upper_from(computed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """Upper bounds (float64, before the final upward rounding) of exact 2-norms of ``d``-term
+    vectors (real entries; a complex entry counts as 2) from ``torch.linalg.vector_norm`` in
+    ``dtype``: the ``d`` squares summed in any order and a square root err by ``≤ γ_{d+2}``
+    relative, the squares that underflow by ``≤ 2dλ``, so ``‖h‖ ≤ computed·(1 + 2γ_{d+2}) + 2√(dλ)``."""
+    return computed.to(torch.float64) * (1 + 2 * gamma(d + 2, dtype)) + 2 * math.sqrt(d * smallest_normal(dtype))
+
+
+def up_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise :func:`up`."""
+    return torch.nextafter(t * INFLATE, torch.full_like(t, math.inf))

@@ -22,32 +22,32 @@ Two kinds of numbers live here and must never be confused:
     on the space-to-depth input (kernel ``⌈k/s⌉``, channels ``× s²``), since bounding it by its
     unstrided twin is sound but 1.5–2x loose.
 
-How ``λ_max`` is bounded (:func:`hermitian_max_bound`): small problems by a symmetric
-eigensolver; otherwise a candidate ``μ = θ(1 + τ)`` is *proved* ≥ ``λ_max`` by a floating-point
-Cholesky factorisation of ``μI − G`` that runs to completion (Rump, "Verification of positive
-definiteness", BIT 2006): with ``RᴴR = M + ΔM``, ``|ΔM| ≤ γ̃|Rᴴ||R|`` (Higham, *Accuracy and
-Stability of Numerical Algorithms*, Thm 10.3, for any order of the inner products; ``γ̃ =
-γ_{8(n+2)}`` also covers complex arithmetic, Higham Lemma 3.5), so ``λ_min(M) ≥ −2nγ̃·max_i M_ii``.
-Cholesky costs ``n³/3`` flops at nearly matrix-product speed, an eigensolver ~5x the time
-(complex, n = 512, measured). The estimate ``θ`` (Lanczos, or the exact top eigenvalue at the frequency whose Gram matrix has the
-largest trace) only chooses ``μ`` and where exact work is done; a matrix whose factorisation
-breaks down goes to the eigensolver. Every returned number comes from one of the two proofs.
+How ``λ_max`` is bounded (:func:`hermitian_max_bound`, :mod:`gloronet.bounds.eigen`): a candidate
+``μ`` — a Lanczos estimate times ``1 + τ``, or the eigensolver's top eigenvalue raised by a few
+rounding units — is *proved* ≥ ``λ_max`` by a floating-point Cholesky factorisation of
+``M = μI − G`` whose residual ``LLᴴ − M`` is measured in float64 with a rigorous bound ``δ``:
+since ``LLᴴ ⪰ 0`` for any ``L``, ``λ_min(M) ≥ −δ`` (Rump, "Verification of positive
+definiteness", BIT 2006; the residual makes the proof independent of how LAPACK / cuSOLVER
+factored). Eigenvalues, Lanczos values and factorisations only choose candidates; a candidate no
+factorisation proves falls back to the next, and last to Gershgorin's discs. Cholesky costs
+``n³/3`` flops and its residual one matrix product, at nearly matrix-product speed; an eigensolver
+~5x the time (complex, n = 512, measured).
 
-Rounding allowance (``u = 2⁻⁵³``; Higham §3, §24). Weights are first divided by a power of two
-(exact) so that the largest entry is in ``[1, 2)``: no square underflows to a "bound" below the
-true norm, nothing overflows, and the few products that may still underflow (float64 models only)
-err by far less than the ``64u``-per-term margin kept below. Forming a Gram matrix by ``D``-term
-inner products errs by ``|ΔG| ≤ γ_D|A|ᵀ|A|``, so ``‖ΔG‖₂ ≤ γ_D‖|A|‖₂²``, with ``‖|A|‖₂²``
-bounded by ``‖A‖_F²`` or ``‖|A|‖₁‖|A|‖_∞``; the DFT of the Gram kernel adds ``≤ 24u`` per
-twiddle factor. An eigensolver errs by ``O(n·u)·‖G‖₂`` (``REL_SLACK = 1e-9`` covers it by orders
-of magnitude); the Cholesky certificate above is exact arithmetic on the computed matrix. All of
-this costs < 1e-8 relative; the candidate margin costs ``(1 + τ)^½ − 1``: ≤ 5e-4 on a frequency
-batch (``TAU``), ~5e-7 on a single matrix (``TAUS[0]``, after refinement).
+Rounding allowance (``u = 2⁻⁵³``; Higham, *Accuracy and Stability of Numerical Algorithms*, §3,
+§24). Weights are first divided by a power of two (exact) so that the largest entry is in
+``[1, 2)``: no square underflows to a "bound" below the true norm, nothing overflows, and the few
+products that may still underflow (float64 models only) err by far less than the ``64u``-per-term
+margin kept below. Forming a Gram matrix by ``D``-term inner products errs by
+``|ΔG| ≤ γ_D|A|ᵀ|A|``, so ``‖ΔG‖₂ ≤ γ_D‖|A|‖₂²``, with ``‖|A|‖₂²`` bounded by ``‖A‖_F²`` or
+``‖|A|‖₁‖|A|‖_∞``; the DFT of the Gram kernel adds ``≤ 24u`` per twiddle factor; the Cholesky
+residual ``δ ≈ n·u·‖M‖``. All of this costs < 1e-8 relative; the candidate margin costs
+``(1 + τ)^½ − 1``: ≤ 5e-4 on a frequency batch (``TAU``), ~5e-7 on a single matrix (``TAUS[0]``,
+after refinement), ~1e-13 on an eigensolver candidate.
 
 Kernels assumed (the same on the CPU and on a GPU): IEEE float64 (no TF32 mode exists for it);
-matrix products are sums of products in any order or blocking (no Strassen-like algorithms);
-Cholesky (LAPACK / cuSOLVER ``potrf``) computes each ``r_ij`` by that recurrence with any order
-of the inner products and substitution-based triangular solves; cos/sin within 2 ulp.
+matrix products are sums of products in any order or blocking (no Strassen-like or 3M complex
+algorithms: ``MKL_BLAS_COMPUTE_MODE`` is refused, :mod:`gloronet.kernels`); cos/sin within 2 ulp.
+Nothing is assumed about the eigensolver or the Cholesky factorisation.
 
 Modules (``from gloronet.bounds import X`` works for every name below):
 
@@ -78,7 +78,7 @@ from .circular import (
 from .conv import EXACT_MAX_DIM, EXACT_MAX_ENTRIES, SMALL_MAP, conv2d_norm_bound
 from .conv_explicit import conv2d_explicit_gram
 from .dense import dense_norm_bound, gram_norm_bound
-from .eigen import EIGH_WORK, REL_SLACK, TAUS, U, hermitian_max_bound
+from .eigen import EIGH_WORK, SLACKS, TAUS, U, hermitian_max_bound
 from .estimates import LANCZOS_STEPS, lanczos_max, power_iteration_conv2d, power_iteration_dense
 from .float64 import GRAM_SLACK, as_float64, compute_device, max_abs, pow2_scale, pow2_scales
 from .geometry import Padding, conv2d_adjoint, conv2d_apply, conv_output_size, same_padding
@@ -87,7 +87,7 @@ from .threads import one_thread
 
 __all__ = [
     "CHUNK", "EIGH_WORK", "EXACT_MAX_DIM", "EXACT_MAX_ENTRIES", "GRAM_SLACK", "LANCZOS_STEPS", "Padding",
-    "REL_SLACK", "SMALL_MAP", "TAU", "TAUS", "U", "abs_conv2d_norm_bound", "as_float64", "circular_conv_bound",
+    "SLACKS", "SMALL_MAP", "TAU", "TAUS", "U", "abs_conv2d_norm_bound", "as_float64", "circular_conv_bound",
     "compute_device", "conv2d_adjoint", "conv2d_apply", "conv2d_explicit_gram", "conv2d_fft_bound",
     "conv2d_norm_bound", "conv_output_size", "dense_norm_bound", "frequency_grams", "gram_kernel",
     "gram_norm_bound", "hermitian_max_bound", "lanczos_max", "max_abs", "mul_up", "nonneg_norm_bound",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..rounding import gamma64, round_up, sqrt_up, up
 from . import eigen
-from .eigen import _cholesky_bound, _eig_bound, _top_eigenvalue, hermitian_max_bound
+from .eigen import _top_eigenvalue, candidates_bound, cholesky_certificates, eigensolver_bound, hermitian_max_bound
 from .float64 import as_float64, max_abs, pow2_scale
 from .geometry import Padding
 from .threads import _matmul, _workers, one_thread
@@ -90,19 +90,21 @@ def _frequency_batch_bound(c: torch.Tensor, canvas, err: float) -> float:
     """``max_ω λ_max(G(ω))`` bound over the half-spectrum (``G(−ω) = conj G(ω)``: same spectrum).
 
     The frequency with the largest ``tr G(ω)`` gets the eigensolver; its top eigenvalue ``θ`` is
-    the candidate. All others, in decreasing order of trace and in chunks that grow from 4 to 64
-    matrices (at most ``CHUNK`` entries), get a Cholesky certificate at ``μ = θ(1 + τ)``:
-    ``μI − G(ω)`` is formed directly (negated twiddles: negation is exact, so it equals
-    ``fl(μI − G̃)``). Those that break down get the eigensolver and raise ``θ``. A frequency whose
-    maximum is below the candidate costs one Cholesky; exact work happens only where the maximum
-    may be. On the CPU the chunks go to the caller's number of threads of single-threaded
-    workers (:func:`one_thread`).
+    the candidate (proved for that frequency by :func:`~gloronet.bounds.eigen.eigensolver_bound`).
+    All others, in decreasing order of trace and in chunks that grow from 4 to 64 matrices (at
+    most ``CHUNK`` entries), get a Cholesky certificate at ``μ = θ(1 + τ)``
+    (:func:`~gloronet.bounds.eigen.cholesky_certificates`): ``μI − G(ω)`` is formed directly
+    (negated twiddles: negation is exact, so it equals ``fl(μI − G̃)``). Those that break down get
+    the eigensolver and raise ``θ``. A frequency whose maximum is below the candidate costs one
+    Cholesky and one residual product; exact work happens only where the maximum may be. On the
+    CPU the chunks go to the caller's number of threads of single-threaded workers
+    (:func:`one_thread`).
     """
     n1, n2 = canvas
     n = c.shape[-1]
     freqs = torch.arange(n1 * (n2 // 2 + 1), device=c.device)
     if len(freqs) * n**3 <= eigen.EIGH_WORK:
-        return _eig_bound(_top_eigenvalue(frequency_grams(c, canvas, freqs)), err)
+        return eigensolver_bound(frequency_grams(c, canvas, freqs), err)
     cos, _ = _twiddles(c, canvas, freqs)
     trace = cos @ c.diagonal(dim1=-2, dim2=-1).sum(dim=-1).reshape(-1)  # tr C_{−d} = tr C_d: real
     order = torch.argsort(trace, descending=True)
@@ -113,7 +115,9 @@ def _frequency_batch_bound(c: torch.Tensor, canvas, err: float) -> float:
         size = min(size, cap)
         chunks.append(order[i : i + size])
         i, size = i + size, 2 * size
-    state = {"theta": _top_eigenvalue(frequency_grams(c, canvas, order[:1]))}
+    first = frequency_grams(c, canvas, order[:1])
+    state = {"theta": _top_eigenvalue(first)}
+    first_bound = candidates_bound(first, torch.tensor([state["theta"]], dtype=torch.float64, device=c.device), err)
     lock = threading.Lock()
 
     def certify(todo) -> float:
@@ -123,17 +127,19 @@ def _frequency_batch_bound(c: torch.Tensor, canvas, err: float) -> float:
                 mu = state["theta"] * (1 + TAU)
             cos, sin = _twiddles(c, canvas, idx)
             m = torch.complex(torch.neg(cos) @ flat, sin @ flat).view(len(idx), n, n)  # −G̃(ω)
-            dmax = float(m.diagonal(dim1=-2, dim2=-1).real.abs().max())
+            dmax = m.diagonal(dim1=-2, dim2=-1).real.abs().amax(dim=-1)
             m.diagonal(dim1=-2, dim2=-1).add_(mu)
-            ok = torch.linalg.cholesky_ex(m).info == 0
+            bounds = cholesky_certificates(m, torch.full_like(dmax, mu), dmax, err)
             del m
+            ok = torch.isfinite(bounds)
             if bool(ok.any()):
-                best = max(best, _cholesky_bound(mu, n, dmax, err))
+                best = max(best, float(bounds[ok].max()))
             if not bool(ok.all()):
-                lam = _top_eigenvalue(frequency_grams(c, canvas, idx[~ok]))
-                best = max(best, _eig_bound(lam, err))
+                gs = frequency_grams(c, canvas, idx[~ok])
+                lam = torch.linalg.eigvalsh(gs)[..., -1]
+                best = max(best, candidates_bound(gs, lam, err))
                 with lock:
-                    state["theta"] = max(state["theta"], lam)
+                    state["theta"] = max(state["theta"], float(lam.max()))
         return best
 
     workers = _workers(c.device)
@@ -142,7 +148,7 @@ def _frequency_batch_bound(c: torch.Tensor, canvas, err: float) -> float:
             parts = list(pool.map(certify, [chunks[w::workers] for w in range(workers)]))
     else:
         parts = [certify(chunks)]
-    return max(_eig_bound(state["theta"], err), *parts)
+    return max(first_bound, *parts)
 
 
 @one_thread

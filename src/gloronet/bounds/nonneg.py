@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..rounding import round_up
+from ..rounding import gamma64, mul_up, round_up
 from .circular import _space_to_depth_kernel
 from .dense import gram_norm_bound
 from .float64 import as_float64, max_abs, pow2_scale
@@ -42,6 +42,12 @@ def nonneg_norm_bound(m: torch.Tensor, iters: int = 30) -> float:
 
 
 @one_thread
+def _tap_sum(w: torch.Tensor) -> torch.Tensor:
+    """``Σ_v w[:, :, v]`` over the taps, in float64 (any order: the caller allows for it)."""
+    return w.sum(dim=(-2, -1))
+
+
+@one_thread
 def abs_conv2d_norm_bound(weight: torch.Tensor, stride: int, groups: int = 1) -> float:
     """Provable upper bound of ``‖|A|‖₂`` for a zero-padded convolution ``A`` (any input size).
 
@@ -50,11 +56,15 @@ def abs_conv2d_norm_bound(weight: torch.Tensor, stride: int, groups: int = 1) ->
     :func:`_space_to_depth_kernel`), it is a restriction of the circular convolution, whose norm
     is ``max_ω ‖K̂(ω)‖₂``; for a non-negative kernel ``|K̂(ω)| ≤ K̂(0)`` entrywise, and the
     spectral norm is monotone on non-negative matrices, so ``‖|A|‖₂ ≤ ‖Σ_v |w'[:, :, v]|‖₂``.
-    Grouped convolutions are block diagonal: the largest group's bound.
+    The float64 sum of ``t`` non-negative taps may round down, by at most a factor ``1/(1 + γ_t)``
+    (Higham Lemma 3.1), hence ``(1 + γ_t)·‖fl(Σ_v |w'_v|)‖₂``. Grouped convolutions are block
+    diagonal: the largest group's bound.
     """
     w = as_float64(weight).abs()
     co_g = w.shape[0] // groups
-    return max(
-        gram_norm_bound(_space_to_depth_kernel(w[g * co_g : (g + 1) * co_g], stride).sum(dim=(-2, -1)))
-        for g in range(groups)
-    )
+    bound = 0.0
+    for g in range(groups):
+        taps = _space_to_depth_kernel(w[g * co_g : (g + 1) * co_g], stride)
+        t = taps.shape[-2] * taps.shape[-1]
+        bound = max(bound, mul_up(gram_norm_bound(_tap_sum(taps)), round_up(1 + gamma64(t))))
+    return bound

@@ -242,7 +242,7 @@ class LiResBlock(LipschitzModule):
         hw = self.input_hw[0] * self.input_hw[1]
         numel = self.width * hw
         a_r = self._eval_kernel.remember(self, "abs_norm", lambda: abs_conv2d_norm_bound(r, 1))
-        row_abs = 1.0 + float(r.detach().abs().flatten(1).sum(dim=1).max())
+        row_abs = 1.0 + float(as_float64(r).abs().flatten(1).sum(dim=1).max())  # float64: within INFLATE
         shift = self.shift().detach().to(torch.float64).cpu()
         g_n, g2, g1, lam = fp.gamma(depth, dtype), fp.gamma(2, dtype), fp.gamma(1, dtype), fp.smallest_normal(dtype)
         offset = float(shift.norm()) * math.sqrt(hw)
