@@ -38,6 +38,7 @@ terms of :mod:`gloronet.fp`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import threading
@@ -144,50 +145,70 @@ class _Setting:
     own: Callable[[], object]  # the value to restore (a leaf's own setting, not its parent's)
 
 
+_C_GET = getattr(torch._C, "_get_fp32_precision_getter", None)
+_C_SET = getattr(torch._C, "_set_fp32_precision_setter", None)
+
+
 def _precision_leaf(backend: str, op: str, obj) -> _Setting:
-    parent = getattr(torch._C, "_get_fp32_precision_getter", None)
+    """A per-backend fp32 precision leaf (``torch.backends.<b>.<op>.fp32_precision``), read and
+    set through torch's C functions where it has them (a section opens at every eval forward)."""
+    if _C_GET is not None and _C_SET is not None:
+        get = functools.partial(_C_GET, backend, op)
+        set_ = functools.partial(_C_SET, backend, op)
+    else:
+        get, set_ = (lambda: obj.fp32_precision), (lambda v: setattr(obj, "fp32_precision", v))
 
     def own():
-        value = obj.fp32_precision
-        if parent is None or value == "none":
+        value = get()
+        if _C_GET is None or value == "none":
             return value
         try:
-            inherited = parent(backend, "all")
+            inherited = _C_GET(backend, "all")
         except RuntimeError:
             return value
         return "none" if value == inherited else value
 
-    return _Setting(f"{backend}.{op}.fp32_precision", lambda: obj.fp32_precision,
-                    lambda v: setattr(obj, "fp32_precision", v), "ieee", own)
+    return _Setting(f"{backend}.{op}.fp32_precision", get, set_, "ieee", own)
 
 
-def _attr(name: str, obj, attr: str, sound) -> _Setting:
+def _flag(name: str, c_name: str | None, obj, attr: str, sound) -> _Setting:
+    """A backend flag, through torch's C getter / setter ``_get_<c_name>`` where present."""
+    c_get = getattr(torch._C, f"_get_{c_name}", None) if c_name else None
+    c_set = getattr(torch._C, f"_set_{c_name}", None) if c_name else None
+    if c_get is not None and c_set is not None:
+        return _Setting(name, c_get, c_set, sound, c_get)
     get = lambda: getattr(obj, attr)  # noqa: E731
     return _Setting(name, get, lambda v: setattr(obj, attr, v), sound, get)
 
 
+_MANAGED: dict[bool, list[_Setting]] = {}
+
+
 def _managed() -> list[_Setting]:
-    """The settings a sound section sets, for this build and environment."""
-    b = torch.backends
-    out = []
-    leaves = [("cuda", "matmul", getattr(b.cuda, "matmul", None)), ("cuda", "conv", getattr(b.cudnn, "conv", None)),
-              ("cuda", "rnn", getattr(b.cudnn, "rnn", None)), ("mkldnn", "matmul", getattr(b.mkldnn, "matmul", None)),
-              ("mkldnn", "conv", getattr(b.mkldnn, "conv", None)), ("mkldnn", "rnn", getattr(b.mkldnn, "rnn", None))]
-    leaves = [(be, op, obj) for be, op, obj in leaves if obj is not None and hasattr(obj, "fp32_precision")]
-    if leaves:  # the per-backend API (never read the legacy flags then: they may raise)
-        out += [_precision_leaf(be, op, obj) for be, op, obj in leaves]
-    else:
-        out += [_attr("cuda.matmul.allow_tf32", b.cuda.matmul, "allow_tf32", False),
-                _attr("cudnn.allow_tf32", b.cudnn, "allow_tf32", False),
-                _Setting("float32_matmul_precision", torch.get_float32_matmul_precision,
-                         torch.set_float32_matmul_precision, "highest", torch.get_float32_matmul_precision)]
-    out.append(_attr("cudnn.enabled", b.cudnn, "enabled", False))  # heuristics may pick Winograd / FFT
-    if not onednn_allowed():
-        out.append(_attr("mkldnn.enabled", b.mkldnn, "enabled", False))
-    nnpack_get = getattr(torch._C, "_get_nnpack_enabled", None)
-    if nnpack_get is not None and hasattr(b.nnpack, "set_flags"):  # Winograd / FFT on the CPU
-        out.append(_Setting("nnpack.enabled", nnpack_get, lambda v: b.nnpack.set_flags(v), False, nnpack_get))
-    return out
+    """The settings a sound section sets, for this build and environment (built once per
+    :func:`onednn_allowed` value)."""
+    allowed = onednn_allowed()
+    if allowed not in _MANAGED:
+        b = torch.backends
+        out = []
+        leaves = [("cuda", "matmul", getattr(b.cuda, "matmul", None)), ("cuda", "conv", getattr(b.cudnn, "conv", None)),
+                  ("cuda", "rnn", getattr(b.cudnn, "rnn", None)), ("mkldnn", "matmul", getattr(b.mkldnn, "matmul", None)),
+                  ("mkldnn", "conv", getattr(b.mkldnn, "conv", None)), ("mkldnn", "rnn", getattr(b.mkldnn, "rnn", None))]
+        leaves = [(be, op, obj) for be, op, obj in leaves if obj is not None and hasattr(obj, "fp32_precision")]
+        if leaves:  # the per-backend API (never read the legacy flags then: they may raise)
+            out += [_precision_leaf(be, op, obj) for be, op, obj in leaves]
+        else:
+            out += [_flag("cuda.matmul.allow_tf32", None, b.cuda.matmul, "allow_tf32", False),
+                    _flag("cudnn.allow_tf32", None, b.cudnn, "allow_tf32", False),
+                    _Setting("float32_matmul_precision", torch.get_float32_matmul_precision,
+                             torch.set_float32_matmul_precision, "highest", torch.get_float32_matmul_precision)]
+        out.append(_flag("cudnn.enabled", "cudnn_enabled", b.cudnn, "enabled", False))  # may pick Winograd / FFT
+        if not allowed:
+            out.append(_flag("mkldnn.enabled", "mkldnn_enabled", b.mkldnn, "enabled", False))
+        if getattr(torch._C, "_get_nnpack_enabled", None) is not None:  # Winograd / FFT on the CPU
+            out.append(_flag("nnpack.enabled", "nnpack_enabled", b.nnpack, "enabled", False))
+        _MANAGED[allowed] = out
+    return _MANAGED[allowed]
 
 
 class _Section:
