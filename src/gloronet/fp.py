@@ -69,10 +69,6 @@ class ErrorModel:
                 raise ValueError(f"ErrorModel.{name} must be >= 0, got {v}")
             object.__setattr__(self, name, v)
 
-    def out_norm(self, rho: float) -> float:
-        """Bound on ``‖φ̂(a)‖`` for ``‖a‖ ≤ rho``."""
-        return up(self.offset + (self.lip + self.rel) * rho + self.abs)
-
     def then(self, nxt: "ErrorModel") -> "ErrorModel":
         """The model of ``nxt ∘ self``. With ``ρ₁ = offset + (lip + rel)ρ + abs`` (bound on the
         computed intermediate), ``‖ψ̂(φ̂(a)) − ψ(φ(a))‖ ≤ L_ψ‖φ̂(a) − φ(a)‖ + rel_ψ ρ₁ + abs_ψ``.
