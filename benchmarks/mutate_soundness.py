@@ -139,7 +139,7 @@ MUTANTS = [
     (EIG, "    m = torch.neg(g)\n", "    m = g.clone()\n", "shift: μI + G instead of μI − G"),
     (EIG, "mu = t + s * (n + 2) * U * (t.abs() + dmax[pending])", "mu = t", "eigensolver candidates with no slack"),
     (EIG, "fro_l2 = diag.sum(dim=-1) * (1 + 4 * gamma64(n)) + ", "fro_l2 = diag.sum(dim=-1) + ", "‖L‖_F² rounded to nearest"),
-    (EIG, "        e.diagonal(dim1=-2, dim2=-1).imag.zero_()\n", "", "complex residual: imaginary diagonal kept"),
+    (EIG, "        e.diagonal(dim1=-2, dim2=-1).imag.zero_()\n", "        pass\n", "complex residual: imaginary diagonal kept"),
     # ---- bounds: allowances of forming Gram matrices, |W| norms
     (NONNEG, "round_up(1 + gamma64(t))", "1.0", "|A| tap sum: no 1 + γ_taps"),
     (NONNEG, "rel = 2.0 ** -52 * (a.shape[0] + a.shape[1] + 8)", "rel = 0.0", "Collatz–Wielandt: no rounding allowance"),

@@ -177,3 +177,92 @@ def test_liresblock_flush_term_uses_an_exact_enough_row_sum():
     exact = (1 + g) * lam * 8 * (1 + Fraction(2**25 + 1) + 2 * (n + 2))  # √m = √(2·4·8) = 8
     assert gamma(depth, torch.float32) >= float(g)
     assert Fraction(model.abs) >= exact
+
+
+# --------------------------------------------------------------------------- allowances pinned to their theorems
+def test_cholesky_certificate_adds_every_allowance():
+    """With a factor whose residual is exactly 0, the certificate is still ``μ`` plus the rounding
+    of the shifted diagonal ``u(|μ| + dmax)`` (here 1.5 ulps of μ) plus the Gram allowance ``err``."""
+    m = torch.tensor([[[4.0]]], dtype=D)
+    factor = torch.tensor([[[2.0]]], dtype=D)  # LLᵀ = M exactly
+    mu, dmax = torch.tensor([2.0**60], dtype=D), torch.tensor([2.0**61], dtype=D)
+    bound = Fraction(float(eigen.certify_factors(m, factor, mu, dmax, 0.0)[0]))
+    assert bound >= Fraction(2**60) + Fraction(2**60 + 2**61, 2**53)
+    bound = Fraction(float(eigen.certify_factors(m, factor, mu, torch.zeros(1, dtype=D), 1e6)[0]))
+    assert bound >= Fraction(2**60) + Fraction(2**60, 2**53) + Fraction(1e6)
+
+
+def _captured_err(monkeypatch, module, call, name="hermitian_max_bound"):
+    """The allowance ``err`` a bound hands to the eigenvalue proof (``name(g, [canvas,] err, …)``)."""
+    seen = []
+    real = getattr(module, name)
+
+    def spy(*args, **kw):
+        seen.append(args[-1] if name == "_frequency_batch_bound" else args[1])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    call()
+    return seen[0]
+
+
+def test_gram_allowances_cover_the_theorems(monkeypatch):
+    """The allowance each Gram matrix is formed with covers Higham's bound on its rounding
+    (``γ_q·‖|A|‖²``, q-term inner products), computed here in exact arithmetic from the weights:
+    dense ``AAᵀ`` (``‖|A|‖² ≤ ‖A‖_F²``), the explicit conv Gram (``‖|A|‖₁‖|A|‖_∞``), the circular
+    Gram kernel (``taps·‖w‖_F²``). Dropping an allowance makes the proof certify the computed
+    matrix only."""
+    from gloronet.bounds import circular, conv_explicit, dense
+
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(7, 30, generator=g, dtype=D)
+    err = _captured_err(monkeypatch, dense, lambda: bounds.gram_norm_bound(a))
+    scale = Fraction(bounds.pow2_scale(a))
+    fro = sum(Fraction(float(v)) ** 2 for v in a.flatten()) / scale**2
+    q = 30
+    assert Fraction(err) >= Fraction(q, 2**53 - q) * fro
+    w = torch.randn(3, 2, 3, 3, generator=g, dtype=D)
+    s = Fraction(bounds.pow2_scale(w))
+    _, err = conv_explicit.conv2d_explicit_gram(w / float(s), (5, 5), 1, (1, 1, 1, 1))
+    rows = max(sum(abs(Fraction(float(v))) for v in w[o].flatten()) for o in range(3)) / s
+    cols = max(sum(abs(Fraction(float(v))) for v in w[:, c].flatten()) for c in range(2)) / s
+    output_side = 3 * 25 < 2 * 25  # the Gram of the smaller side: here the input side, summing over c_out
+    c_summed = 2 if output_side else 3
+    gam = lambda n: Fraction(n, 2**53 - n)  # noqa: E731
+    assert Fraction(err) >= gam(c_summed + 9) * rows * cols
+    err = _captured_err(monkeypatch, circular, lambda: bounds.circular_conv_bound(w, (8, 8)), "_frequency_batch_bound")
+    w2 = w / float(s) if w.shape[1] <= w.shape[0] else (w / float(s)).transpose(0, 1)
+    fro_w = sum(Fraction(float(v)) ** 2 for v in w2.flatten())
+    assert Fraction(err) >= gam(w2.shape[0] + 9) * 9 * fro_w
+
+
+def test_circular_bound_proves_the_candidate_frequency_too(monkeypatch):
+    """The frequency whose eigenvalue is the candidate must be proved as well: with an
+    eigensolver answering 1% low, the certificates of the other frequencies (at θ(1 + τ)) no
+    longer cover it. Exact reference: SVDs of the kernel's 2-D DFT at every frequency."""
+    from gloronet.bounds import circular
+
+    w = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(22), dtype=D)
+    canvas = (8, 8)
+    khat = torch.fft.fft2(w, s=canvas)  # (m, n, N1, N2): K̂(ω) = Σ_v w_v e^{-2πi⟨ω,v⟩/N}
+    exact = float(torch.linalg.svdvals(khat.permute(2, 3, 0, 1)).max())
+    monkeypatch.setattr(eigen, "EIGH_WORK", 0)  # the frequency-batch path
+    real = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda t: real(t) * 0.99)
+    assert circular.TAU < 0.01
+    assert bounds.circular_conv_bound(w, canvas) >= exact * (1 - 1e-12)
+
+
+def test_collatz_wielandt_bound_covers_products_rounded_down(monkeypatch):
+    """``Gv`` computed as low as the model allows (``(1 − γ_{m+n})`` times its value, every sum
+    rounded down) on a rank-one matrix, where the Collatz–Wielandt ratio reaches ``λ_max``
+    exactly: the bound must still be ≥ the exact norm ``‖u‖‖v‖``."""
+    u = torch.rand(40, generator=torch.Generator().manual_seed(23), dtype=D) + 0.5
+    v = torch.rand(60, generator=torch.Generator().manual_seed(24), dtype=D) + 0.5
+    a = torch.outer(u, v)
+    g = float(Fraction(100, 2**53 - 100))  # γ_{m+n}
+    real = nonneg._gram_times
+    monkeypatch.setattr(nonneg, "_gram_times", lambda m, x: real(m, x) * (1 - g))
+    with mpmath.workdps(60):  # nearly rank one: ‖A‖₂ = ‖A‖_F up to ~1e-32 relative
+        exact = mpmath.sqrt(mpmath.fsum(mpmath.mpf(float(x)) ** 2 for x in a.flatten()))
+        assert mpmath.mpf(bounds.nonneg_norm_bound(a)) >= exact * (1 - mpmath.mpf(10) ** -25)

@@ -75,6 +75,52 @@ def test_gamma(dtype, n):
         _upper(rounding.gamma(n, dtype), exact)
 
 
+def test_directed_rounding_helpers_bound_exact_values():
+    """``round_up``, ``mul_up``, ``sqrt_up`` and the bounds built on them, at inputs where rounding
+    to nearest goes DOWN (checked here), so that a helper rounding to nearest would fail."""
+    from fractions import Fraction
+
+    from gloronet.bounds import mul_up, round_up
+    from gloronet.nn import Normalize
+    from gloronet.rounding import sqrt_up
+
+    a, b = 1.0565513677268088, 1.0848719951589216
+    assert Fraction(a * b) < Fraction(a) * Fraction(b)  # the product rounds down
+    assert Fraction(mul_up(a, b)) >= Fraction(a) * Fraction(b)
+    x = 3.2079099672055698
+    assert Fraction(math.sqrt(x)) ** 2 < Fraction(x)  # the root rounds down
+    assert Fraction(sqrt_up(x)) ** 2 >= Fraction(x)
+    assert Fraction(1 / 3.0) < Fraction(1, 3) and Fraction(round_up(1 / 3.0)) > Fraction(1, 3)
+    assert Fraction(Normalize([0.0], [3.0]).lipschitz_bound()) >= Fraction(1, 3)  # 1/σ rounds down
+
+
+def test_error_polynomials_are_inflated_over_their_evaluation_rounding():
+    """``ErrorModel.then`` at inputs where the float64 evaluation of ``abs`` lands more than one
+    ulp below its exact value (found by search; checked here): INFLATE (not one upward step) is
+    what keeps it an upper bound."""
+    first = fp.ErrorModel(lip=1.9398399758364362, rel=6.227633767112016, offset=9.119980324331118, abs=3.323598488136059)
+    second = fp.ErrorModel(lip=3.393432573118453, rel=2.352535081428195, offset=1.4727596271488845, abs=12.09883093021923)
+    plain = second.lip * first.abs + second.rel * (first.offset + first.abs) + second.abs
+    want = ref.Model.of(first).then(ref.Model.of(second))
+    assert mpf(math.nextafter(plain, math.inf)) < want.abs  # one upward step is not enough here
+    _upper(first.then(second).abs, want.abs)
+
+
+def test_norm_bound_covers_the_worst_rounding_the_model_allows(monkeypatch):
+    """A float32 vector norm may come out as low as ``(1 − γ_{d+2})`` times the exact one (every
+    square and sum rounded down): ``norm_upper`` must still cover it, i.e. divide by ``1 − γ``
+    (``1 + 2γ``), not multiply by ``1 + γ`` (short by ``γ²`` ≈ 6e-8 at d = 4096)."""
+    h = torch.randn(2, 4096, generator=torch.Generator().manual_seed(13))
+    d = h.shape[1]
+    exact = [ref.norm(ref.exact(h[b])) for b in range(2)]
+    g = ref.gamma(d + 2, F32)
+    worst = torch.tensor([float(e * (1 - g)) for e in exact], dtype=F32)  # the lowest value allowed
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda t, dim=None: worst.to(t.dtype))
+    got = fp.norm_upper(h)
+    for b in range(2):
+        assert mpf(float(got[b])) >= exact[b]
+
+
 DOT_CASES = {
     "all terms": dict(lip=1.5, depth=40, n_terms=33, abs_weight_norm=2.5, row_abs_sum=3.0, out_numel=16, bias_norm=7.0, bias_max=2.0),
     "flush only": dict(lip=1.0, depth=9, n_terms=9, abs_weight_norm=0.0, row_abs_sum=0.0, out_numel=4, bias_norm=0.0, bias_max=0.0),
@@ -121,18 +167,19 @@ def test_elementwise_and_exact_models(dtype):
     _models_equal(fp.exact_model(2.5), ref.Model(lip=mpf(2.5)))
 
 
+@pytest.mark.parametrize("abs_norm", [3.25, 0.0], ids=["all-terms", "flush-terms-dominate"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("positions", [1, 9])
-def test_affine_error_model_wiring(bias, positions):
+def test_affine_error_model_wiring(bias, positions, abs_norm):
     """Terms per output (bias counted), outputs × positions, the bias over every position."""
     g = torch.Generator().manual_seed(5)
     rows = torch.randn(6, 10, generator=g)
     b = 1e3 * torch.randn(6, generator=g) if bias else None
-    got = fp.affine_error_model(rows, b, 2.0, F32, positions, abs_weight_norm=3.25, depth=7)
+    got = fp.affine_error_model(rows, b, 2.0, F32, positions, abs_weight_norm=abs_norm, depth=7)
     w = ref.exact(rows)
     bn = ref.norm(ref.exact(b)) * ref.mpmath.sqrt(positions) if bias else 0
     bmax = max(abs(v) for v in ref.exact(b)) if bias else 0
-    want = ref.dot_product(2.0, 7, 10 + bias, 3.25, max(sum(abs(v) for v in r) for r in w), 6 * positions, F32, bn, bmax)
+    want = ref.dot_product(2.0, 7, 10 + bias, abs_norm, max(sum(abs(v) for v in r) for r in w), 6 * positions, F32, bn, bmax)
     _models_equal(got, want)
 
 
@@ -170,11 +217,15 @@ def _exact_overflow(peak_rel, peak_abs, rho0, slope, threshold):
                                 [mpf(v) for v in slope], mpf(threshold)) for b in range(len(rho0[0]))]
 
 
-def test_overflow_radius():
+@pytest.mark.parametrize("dominant", ["peak_rel", "peak_abs"])
+def test_overflow_radius(dominant):
     g = torch.Generator().manual_seed(8)
     S, B = 4, 6
     peak_rel = (10.0 ** (4 * torch.rand(S, generator=g, dtype=F64))).tolist()
     peak_abs = (10.0 ** (4 * torch.rand(S, generator=g, dtype=F64))).tolist()
+    if dominant == "peak_abs":  # the constant part of the peaks takes most of the room
+        peak_rel = [v * 1e-6 for v in peak_rel]
+        peak_abs = [5e15 + v for v in peak_abs]
     rho0 = (10.0 ** (8 * torch.rand(S, B, generator=g, dtype=F64))).tolist()
     rho0[1][2] = 1e40  # no room at all for example 2 (elsewhere peaks stay below 1e12 ≪ the threshold)
     slope = [1.0, 0.0, 3.0, 7.5]
@@ -192,7 +243,7 @@ REGIMES = {
     "head reach dominates": dict(rel=0.0, abs=0.0, bias=1e7, h=1e3, dtype=F32),
     "flush terms dominate": dict(rel=0.0, abs=0.0, bias=0.0, h=1e-36, dtype=F32),
     "float64 model": dict(rel=1e-9, abs=1e-9, bias=1e3, h=1.0, dtype=F64),
-    "overflow cap binds": dict(rel=1e-6, abs=0.0, bias=0.0, h=1.0, dtype=F32, peak=1e36),
+    "overflow cap binds": dict(rel=1e-6, abs=0.0, bias=0.0, h=1.0, dtype=F32, peak=2e37),
 }
 
 
@@ -259,10 +310,14 @@ def test_margin_bounds_and_radii(regime):
                 _upper(slope[bi, c], ws, factor=1 + tol)
     for bi in range(len(hx)):
         _check_radius(mb.cap[bi], want.cap[bi], loose=want.cap[bi] / (1 + tol))
-    pred = torch.arange(len(hx)) % C
+    pred = mb.y.argmax(dim=1)
     radii = radius.certified_radii(mb, pred)
     for bi in range(len(hx)):
         _check_radius(radii[bi], ref.radius(want, bi, int(pred[bi])), ref.radius(want, bi, int(pred[bi]), tol))
+    if regime == "overflow cap binds":  # the construction does what its name says
+        uncapped = [min(ref.ratio(want.low[bi][int(pred[bi])][c], want.slope[bi][int(pred[bi])][c])
+                        for c in range(C) if c != int(pred[bi])) for bi in range(len(hx))]
+        assert any(want.cap[bi] < uncapped[bi] for bi in range(len(hx)))
     relax = relaxed.make_relaxation(C, top_k=3)
     cert = relaxed.certify_relaxed(mb, y, relax, 0.0, "float")
     for bi in range(len(hx)):
@@ -285,6 +340,16 @@ def _check_radius(lib, want, loose=None, factor=None):
         assert lib <= want / ref.EXACT, (float(lib), float(want))
         floor = want / factor if factor is not None else loose
         assert lib >= floor - mpf(10) ** -300, (float(lib), float(want), float(floor))
+
+
+def test_a_radius_equal_to_epsilon_never_certifies():
+    """``certified`` / ``k`` need ``radius > ε`` strictly (GloRo and the relaxed certificates)."""
+    radii = torch.tensor([[0.5, 0.25], [0.5, 0.5]], dtype=F64)
+    groups = torch.full((2, 2), -1)
+    k, _ = relaxed.certified_k(radii, groups, 0.5)
+    assert k.tolist() == [0, 0]
+    k, _ = relaxed.certified_k(radii, groups, 0.25)
+    assert k.tolist() == [1, 2]
 
 
 def test_exact_mode_margins_are_the_computed_ones():
@@ -312,6 +377,70 @@ def test_pairwise_row_distances():
                     assert float(D[i, j]) == 0.0
                 else:
                     _upper(D[i, j], want, factor=1 + 1e-7)
+
+
+def test_pairwise_row_distances_allow_for_a_sum_of_squares_rounded_down():
+    """Rows differing by ``[1, t, …, t]`` with ``t² = 2⁻⁵⁴`` (below half an ulp of 1): summed with
+    1 in the same accumulator the squares are rounded away, ~2 ulps of the root here; the bound
+    (``GRAM_SLACK``) must still cover the exact distance."""
+    d = 4096
+    w = torch.zeros(2, d, dtype=F64)
+    w[0, 0], w[0, 1:] = 1.0, 2.0**-27
+    exact = ref.mpmath.sqrt(1 + (d - 1) * mpf(2) ** -54)
+    lossy = ref.mpmath.sqrt(mpf(float((w[0] ** 2).sum())))
+    if lossy >= exact * (1 - mpf(2) ** -52):
+        pytest.skip("this torch sums the squares without losing the small ones: nothing to cover")
+    _upper(pairwise_row_distances_bound(w)[0, 1], exact, factor=1 + 1e-7)
+
+
+def test_pairwise_constants_are_products_rounded_up():
+    """``K_ji ≥ L·D_ji`` exactly for the library's own ``L`` and ``D`` (products that round down
+    to nearest occur among these pairs: checked)."""
+    from fractions import Fraction
+
+    torch.manual_seed(14)
+    net = GloroNet(Sequential(Flatten(), LipLinear(6, 8), MinMax()), LipLinear(8, 7), 0.1)
+    L, K = net.lipschitz_bound(), net.lipschitz_constant()
+    D = pairwise_row_distances_bound(net.head.applied_weight())
+    down = 0
+    for i in range(7):
+        for j in range(7):
+            if i != j:
+                exact = Fraction(L) * Fraction(float(D[i, j]))
+                assert Fraction(float(K[i, j])) >= exact
+                down += Fraction(L * float(D[i, j])) < exact
+    assert down > 0
+
+
+def test_liresblock_error_model_formula():
+    """``LiResBlock.error_model`` against its docstring's formula (reference arithmetic) with the
+    library's own ``‖|R|‖`` bound as input: products rounded ``d + 2`` times, the skip twice, the
+    shift once, the flush terms; then MinMax."""
+    from gloronet.bounds import abs_conv2d_norm_bound
+    from gloronet.nn import LiResBlock
+
+    torch.manual_seed(15)
+    block = LiResBlock(4, (5, 5), depth=2)
+    with torch.no_grad():
+        block.weight.mul_(20.0)
+        block.bias.copy_(torch.randn(4))
+        block.running_mean.copy_(torch.randn(4))
+    block.eval()
+    lip = block.lipschitz_bound()
+    got = block.error_model((4, 5, 5), F32, lip)
+    r = block.applied_residual_kernel()
+    a_r = mpf(abs_conv2d_norm_bound(r, 1))
+    n = 4 * 9
+    depth = accumulate.rounding_depth(n, 4, bias=False) + 2
+    shift = ref.exact(block.shift().detach())
+    offset = ref.norm(shift) * ref.mpmath.sqrt(25)
+    row_abs = 1 + max(sum(abs(v) for v in ref._flat(ref.exact(r[o]))) for o in range(4))
+    gn, g2, g1, lam = ref.gamma(depth, F32), ref.gamma(2, F32), ref.gamma(1, F32), ref.lam_of(F32)
+    sqrt_m = ref.mpmath.sqrt(100)
+    want = ref.Model(lip=mpf(lip), rel=gn * a_r + g2 + (1 + gn) * lam * sqrt_m * ref.mpmath.sqrt(n + 2),
+                     abs=g1 * offset + (1 + gn) * lam * sqrt_m * (row_abs + 2 * (n + 2)), offset=offset,
+                     peak_rel=(1 + gn) * (1 + a_r), peak_abs=(1 + gn) * (max(abs(v) for v in shift) + lam * (row_abs + 2 * (n + 2))))
+    _models_equal(got, want.then(ref.elementwise(1, 100, F32)))
 
 
 # =========================================================================== Part B: networks

@@ -12,6 +12,11 @@ from .float64 import as_float64, max_abs, pow2_scale
 from .threads import one_thread
 
 
+def _gram_times(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Gv = Aᵀ(Av)`` in float64, products summed in any order (the caller allows for it)."""
+    return a.t() @ (a @ v)
+
+
 @one_thread
 def nonneg_norm_bound(m: torch.Tensor, iters: int = 30) -> float:
     """Provable upper bound of ``‖M‖₂`` for an entrywise non-negative matrix ``M`` (m × n).
@@ -34,7 +39,7 @@ def nonneg_norm_bound(m: torch.Tensor, iters: int = 30) -> float:
     v = torch.ones(a.shape[1], dtype=torch.float64, device=a.device)
     best = math.inf
     for _ in range(iters):
-        g = a.t() @ (a @ v)
+        g = _gram_times(a, v)
         best = min(best, float((g / v).max()))
         v = (g / g.max()).clamp_min(1e-150)  # stays strictly positive
     rel = 2.0 ** -52 * (a.shape[0] + a.shape[1] + 8)
