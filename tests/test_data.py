@@ -1,7 +1,6 @@
 import gzip
 import hashlib
 import pickle
-import struct
 import tarfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from gloronet.data import (
     Augment, DatasetFormatError, DatasetNotFoundError, GPULoader, dataset_info, find_dataset_dir,
     load_dataset,
 )
+from fake_datasets import cifar_pickle, idx_bytes, write_cifar10, write_idx
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -31,52 +31,6 @@ def isolated(tmp_path, monkeypatch):
     data.clear_cache()
     yield
     data.clear_cache()
-
-
-# ---------------------------------------------------------------------------- synthetic files
-
-def idx_bytes(a: np.ndarray) -> bytes:
-    a = np.ascontiguousarray(a, dtype=np.uint8)
-    return struct.pack(">I", 0x800 | a.ndim) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes()
-
-
-def write_idx(folder: Path, n_train=12, n_test=7, gz=True, seed=0, label_offset=0):
-    """Fake MNIST in IDX format; returns the arrays written."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        y = ((np.arange(n) + label_offset) % 10).astype(np.uint8)
-        for kind, a, nd in (("images", x, 3), ("labels", y, 1)):
-            name = f"{prefix}-{kind}-idx{nd}-ubyte"
-            raw = idx_bytes(a)
-            if gz:
-                (folder / (name + ".gz")).write_bytes(gzip.compress(raw))
-            else:
-                (folder / name).write_bytes(raw)
-        out[prefix] = (x, y)
-    return out
-
-
-def cifar_pickle(n, num_classes, label_key, seed, protocol=2, bytes_keys=True):
-    rng = np.random.default_rng(seed)
-    d = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-         label_key: [int(v) for v in rng.integers(0, num_classes, n)],
-         "batch_label": "synthetic"}
-    if bytes_keys:  # as the real (python 2) files look under encoding="bytes"
-        d = {k.encode(): v for k, v in d.items()}
-    return pickle.dumps(d, protocol=protocol), d
-
-
-def write_cifar10(folder: Path, n=6):
-    folder.mkdir(parents=True, exist_ok=True)
-    dicts = {}
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        blob, d = cifar_pickle(n, 10, "labels", seed=i, protocol=2 if i % 2 else 4, bytes_keys=i % 3 != 0)
-        (folder / name).write_bytes(blob)
-        dicts[name] = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-    return dicts
 
 
 def cifar_expected(dicts, names):

@@ -7,7 +7,9 @@
 2. the root in ``$GLORONET_DATA``;
 3. the cache roots ``$XDG_CACHE_HOME/gloronet``, ``~/.cache/gloronet``, ``~/.gloronet/data``;
 4. system packages: ``/usr/share/datasets/fashion-mnist`` (Debian ``dataset-fashion-mnist``);
-5. a download into ``<cache>/<name>`` (MNIST, Fashion-MNIST, CIFAR) unless
+5. for the **test** split of MNIST and Fashion-MNIST: the copies shipped inside the package
+   (:data:`SHIPPED_DIR`, see ``gloronet/pretrained/data/README.md`` for their sources and licences);
+6. a download into ``<cache>/<name>`` (MNIST, Fashion-MNIST, CIFAR) unless
    ``GLORONET_NO_DOWNLOAD=1``.
 
 Formats: IDX (MNIST, Fashion-MNIST; ``.gz`` or not), the CIFAR python pickles (loose, in
@@ -111,6 +113,10 @@ SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
 }
 
 
+# The test splits shipped with the package (MNIST, Fashion-MNIST), searched for split="test" only.
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained" / "data"
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """Shape, class count and format of a dataset (``_`` and ``-`` are interchangeable)."""
     key = name.lower().replace("_", "-")
@@ -167,8 +173,10 @@ def _cache_roots() -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
-def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
-    """The folders :func:`find_dataset_dir` tries, in order, each with where it came from."""
+def search_paths(name: str, data_dir: str | os.PathLike | None = None,
+                 split: str | None = None) -> list[tuple[Path, str]]:
+    """The folders :func:`find_dataset_dir` tries, in order, each with where it came from (the
+    package's shipped copy only for ``split="test"``)."""
     info = dataset_info(name)
     out: list[tuple[Path, str]] = []
 
@@ -187,19 +195,22 @@ def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[t
     for r in _cache_roots():
         root(r, "cache")
     out.extend((p, "system package") for p in SYSTEM_DIRS.get(info.name, ()))
+    if split == "test" and (SHIPPED_DIR / info.name).is_dir():
+        out.append((SHIPPED_DIR / info.name, "shipped with gloronet (test split)"))
     return out
 
 
 def find_dataset_dir(name: str, data_dir: str | os.PathLike | None = None, *,
-                     download: bool | None = None) -> Path:
-    """Folder holding the files of dataset ``name`` (see the module docstring for the order).
+                     download: bool | None = None, split: str | None = None) -> Path:
+    """Folder holding the files of dataset ``name`` (see the module docstring for the order);
+    ``split="test"`` also accepts the test split shipped with the package.
 
     ``download=None`` downloads unless ``$GLORONET_NO_DOWNLOAD`` is set to 1/true/yes.
     Raises :class:`DatasetNotFoundError` naming every place looked and how to get the data.
     """
     info = dataset_info(name)
     looked = []
-    for folder, why in search_paths(info.name, data_dir):
+    for folder, why in search_paths(info.name, data_dir, split):
         found = _dataset_folder(folder, info)
         if found is not None:
             return found
@@ -554,7 +565,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     if dtype != torch.uint8 and not dtype.is_floating_point:
         raise ValueError(f"dtype must be torch.uint8 or a floating dtype, got {dtype}")
-    folder = find_dataset_dir(info.name, data_dir, download=download)
+    folder = find_dataset_dir(info.name, data_dir, download=download, split=split)
     decode_limit = limit if info.format == "image-folder" else None
     x, y = _load_uint8(info.name, str(folder.resolve()), split, decode_limit)
     x, y = x[:limit], y[:limit]

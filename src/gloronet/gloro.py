@@ -21,7 +21,8 @@ from torch import nn
 
 from . import fp, kernels, relaxed
 from . import radius as radius_mod
-from .bounds import GRAM_SLACK, mul_up, pow2_scales
+from .bounds import mul_up
+from .head_distances import pairwise_row_distances_bound
 from .nn.base import (
     UnboundedLayerError,
     body_steps,
@@ -79,28 +80,6 @@ def pairwise_row_distances(w: torch.Tensor) -> torch.Tensor:
     sq = (w * w).sum(dim=1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (w @ w.t())).clamp_min(1e-12)
     return d2.sqrt() * (1.0 - torch.eye(w.shape[0], device=w.device, dtype=w.dtype))
-
-
-def pairwise_row_distances_bound(w: torch.Tensor) -> torch.Tensor:
-    """Provable upper bounds of ``‖w_j − w_i‖₂`` in float64 (C, C), diagonal 0.
-
-    Differences of float32 values are exact in float64. Each difference vector is divided by its
-    own power of two ``s`` (exact) so that no square underflows, then a ``D``-term sum of squares
-    errs by at most ``D·u`` relative (covered by ``GRAM_SLACK``); the square root is rounded up.
-    """
-    w = w.detach().to(torch.float64).cpu()
-    c, d = w.shape
-    out = torch.empty(c, c, dtype=torch.float64)
-    rows = max(1, (1 << 24) // max(1, c * d))
-    for start in range(0, c, rows):
-        diff = w[start : start + rows, None, :] - w[None, :, :]
-        peak = diff.abs().amax(dim=-1, keepdim=True)
-        scale = pow2_scales(peak)
-        norm = ((diff / scale) ** 2).sum(dim=-1).mul(1 + GRAM_SLACK).sqrt()
-        norm = torch.nextafter(norm, torch.full_like(norm, math.inf))
-        out[start : start + rows] = norm * scale.squeeze(-1)  # × 2^k: exact (or inf)
-    out.fill_diagonal_(0.0)
-    return out
 
 
 def append_bottom_logit(logits: torch.Tensor, K: torch.Tensor, epsilon: float) -> torch.Tensor:
