@@ -2,7 +2,7 @@
 
 Each mutant weakens ONE thing the certificate rests on — a dropped term, a constant, a rounding
 direction, a comparison — in ``rounding.py``, ``fp.py``, ``radius.py``, ``relaxed.py``,
-``gloro.py``, ``bounds/`` or a layer's error model (the operator list is :data:`MUTANTS`, aimed
+``gloro.py``, ``head_distances.py``, ``bounds/`` or a layer's error model (the operator list is :data:`MUTANTS`, aimed
 at the formulas; no random mutations). For every mutant the source tree is copied, the one edit
 applied, and only the soundness test files (:data:`TESTS`, fastest first, ``-x``) run against
 the copy; a mutant is *killed* when they fail (or time out), *survived* when they pass. The
@@ -36,6 +36,7 @@ TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 
 DESELECT: list[str] = []
 
 R, FP, RA, RE, GL = "src/gloronet/rounding.py", "src/gloronet/fp.py", "src/gloronet/radius.py", "src/gloronet/relaxed.py", "src/gloronet/gloro.py"
+HD = "src/gloronet/head_distances.py"
 EIG, NONNEG, DENSE, CIRC, CEXP = (f"src/gloronet/bounds/{m}.py" for m in ("eigen", "nonneg", "dense", "circular", "conv_explicit"))
 RES = "src/gloronet/nn/residual.py"
 
@@ -124,7 +125,7 @@ MUTANTS = [
     (RE, "    radii = torch.minimum(radii, bounds.cap[:, None])", "", "relaxed: no overflow cap"),
     # ---- gloro.py
     (GL, "certified=radius > eps,", "certified=radius >= eps,", "GloRo: a radius equal to ε certifies"),
-    (GL, ".mul(1 + GRAM_SLACK)", "", "head distances: no rounding allowance"),
+    (HD, ".mul(1 + GRAM_SLACK)", "", "head distances: no rounding allowance"),
     (GL, "K = torch.nextafter(D * L, torch.full_like(D, math.inf))", "K = D * L", "K rounded to nearest"),
     # ---- bounds: certified eigenvalues
     (EIG, " + g_c * fro_l2 + 4 * n * n * lam)", " + 4 * n * n * lam)", "residual: product rounding dropped"),
