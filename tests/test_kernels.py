@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 import gloronet
 from gloronet import fp, kernels
-from gloronet.nn import Flatten, LipConv2d, LipLinear, LipschitzModule, MinMax, Sequential
+from gloronet.nn import Flatten, LipConv2d, LipLinear, MinMax, Sequential
 from gloronet.nn import depthwise
 from gloronet.nn.base import error_model_of, lipschitz_bound_of
+from gloronet.nn.reshape import _Isometry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 B = torch.backends
@@ -73,11 +74,10 @@ def user_settings():
     B.cudnn.enabled, B.mkldnn.enabled = cudnn, mkldnn
 
 
-class _Probe(LipschitzModule):
+class _Probe(_Isometry):
     """The identity, recording whether the sound settings were in effect when it ran (and
     optionally waiting for a gate, to interleave threads deterministically)."""
 
-    norm_nonincreasing = True
     derived_attributes = ("seen", "gate", "inside")  # instrumentation, never the map
 
     def __init__(self, seen: list, gate: threading.Event | None = None, inside: threading.Event | None = None):
@@ -91,15 +91,6 @@ class _Probe(LipschitzModule):
             self.gate.wait(timeout=30)
             self.seen.append(_sound_now())
         return x
-
-    def lipschitz(self):
-        return torch.ones(())
-
-    def lipschitz_bound(self):
-        return 1.0
-
-    def error_model(self, in_shape, dtype, lip):
-        return fp.exact_model(lip)
 
 
 def _net(seen, gate=None, inside=None):

@@ -138,14 +138,10 @@ def test_abs_conv_bound_allows_for_a_tap_sum_rounded_down(monkeypatch):
     w = torch.full((1, 1, 16, 16), 2.0**-53 * (1 - 2.0**-10), dtype=D)
     w[0, 0, 0, 0] = 1.0
 
+    from test_fp import _worst_order_sum
+
     def largest_first(t):
-        flat = t.flatten(-2)
-        order = flat.abs().argsort(dim=-1, descending=True)
-        vals = flat.gather(-1, order)
-        acc = vals[..., 0].clone()
-        for k in range(1, vals.shape[-1]):
-            acc = acc + vals[..., k]
-        return acc
+        return _worst_order_sum(t.flatten(-2))
 
     monkeypatch.setattr(nonneg, "_tap_sum", largest_first)
     assert float(largest_first(w)) == 1.0  # every small tap was rounded away
