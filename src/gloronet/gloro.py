@@ -210,7 +210,7 @@ class GloroNet(nn.Module):
 
     def _sound_bounds(self) -> _Bounds:
         """Bounds and head data, recomputed only when something that determines the map changed
-        (:class:`gloronet.nn.state.MapState`: modules, parameters, buffers, plain attributes)."""
+        (:class:`gloronet.nn.state.MapState`: modules, parameters, buffers, every attribute)."""
         self._check_certifiable()
         dtype = self._model_dtype()
         kernels.check_environment(next(iter(self.parameters())).device.type)
