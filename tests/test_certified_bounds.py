@@ -29,7 +29,7 @@ CANDIDATE = (1 + bounds.TAU) ** 0.5 * (1 + 1e-8)  # what a Cholesky certificate 
 @pytest.fixture
 def certified(monkeypatch):
     """Every λ_max through Lanczos + Cholesky (no eigensolver shortcut for small problems)."""
-    monkeypatch.setattr(bounds, "EIGH_WORK", 0)
+    monkeypatch.setattr(bounds.eigen, "EIGH_WORK", 0)
 
 
 def _psd(n, seed, complex_=False, spread=1.0, top_gap=0.0):
@@ -47,19 +47,19 @@ def _psd(n, seed, complex_=False, spread=1.0, top_gap=0.0):
 @pytest.mark.parametrize("n,spread", [(40, 1.0), (130, 1e-6), (130, 0.0)])
 def test_cholesky_certificate_sound_at_the_edge(complex_, n, spread):
     """μ a hair below, at and above λ_max: whenever the factorisation of μI − G runs to completion,
-    the certified bound is ≥ λ_max (the allowance covers a factorisation that passes below it),
-    and it passes once μ exceeds λ_max by a relative 1e-9."""
+    the certified bound (residual-based) is ≥ λ_max, and it passes once μ exceeds λ_max by a
+    relative 1e-9 — then within 1e-12 of μ."""
     g = _psd(n, seed=n, complex_=complex_, spread=spread)
     g = (g + g.mH) / 2
     lam = float(torch.linalg.eigvalsh(g)[-1])
-    dmax = float(g.diagonal().real.abs().max())
+    dmax = torch.tensor([float(g.diagonal().real.abs().max())], dtype=torch.float64)
     passed = []
     for rel in (-1e-6, -1e-9, -1e-12, -1e-14, 0.0, 1e-14, 1e-12, 1e-9, 1e-6):
-        mu = lam * (1 + rel)
-        ok = bool(bounds._cholesky_passes(g[None], torch.tensor([mu], dtype=torch.float64))[0])
-        if ok:
-            assert bounds._cholesky_bound(mu, n, dmax, 0.0) >= lam
-        passed.append(ok)
+        mu = torch.tensor([lam * (1 + rel)], dtype=torch.float64)
+        bound = float(bounds.eigen.cholesky_certificates(bounds.eigen._shifted(g[None], mu), mu, dmax, 0.0)[0])
+        if math.isfinite(bound):  # below λ_max a passing factor has a residual ≥ λ_max − μ
+            assert lam <= bound and (rel <= 0 or bound <= float(mu) * (1 + 1e-12))
+        passed.append(math.isfinite(bound))
     assert passed[0] is False and all(passed[-2:])
 
 
@@ -69,9 +69,9 @@ def test_hermitian_max_bound_every_fallback(monkeypatch):
     gs = torch.stack([_psd(60, s, spread=0.5, top_gap=0.1 * s) for s in range(3)])
     lam = float(torch.linalg.eigvalsh(gs)[:, -1].max())
     eig = bounds.hermitian_max_bound(gs, 0.0)  # small: eigensolver
-    monkeypatch.setattr(bounds, "EIGH_WORK", 0)
+    monkeypatch.setattr(bounds.eigen, "EIGH_WORK", 0)
     cert = bounds.hermitian_max_bound(gs, 0.0)
-    monkeypatch.setattr(bounds, "TAUS", (-0.5, -0.25))
+    monkeypatch.setattr(bounds.eigen, "TAUS", (-0.5, -0.25))
     fallback = bounds.hermitian_max_bound(gs, 0.0)
     assert lam <= eig <= lam * (1 + 1e-8)
     assert lam <= cert <= lam * (1 + 1e-5)
@@ -142,7 +142,7 @@ def test_conv_bound_certified_paths(case, certified):
     fft = bounds.conv2d_fft_bound(layer.weight, hw, s, pads, g)
     assert fft >= exact
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bounds, "EIGH_WORK", 2**60)
+        mp.setattr(bounds.eigen, "EIGH_WORK", 2**60)
         eig_fft = bounds.conv2d_fft_bound(layer.weight, hw, s, pads, g)
     assert eig_fft * (1 - 1e-8) <= fft <= eig_fft * CANDIDATE
 
@@ -152,11 +152,11 @@ def test_fft_batch_candidate_breakdowns(monkeypatch):
     eigensolver, and the bound still equals the eigensolver's (a 16x16 map, FFT path)."""
     layer = _random_conv(3, 1, "same", 1, 4, 4, (16, 16), seed=9)
     pads = layer.pads((16, 16))
-    monkeypatch.setattr(bounds, "EIGH_WORK", 2**60)
+    monkeypatch.setattr(bounds.eigen, "EIGH_WORK", 2**60)
     eig_fft = bounds.conv2d_fft_bound(layer.weight, (16, 16), 1, pads)
-    monkeypatch.setattr(bounds, "EIGH_WORK", 0)
-    monkeypatch.setattr(bounds, "TAU", -0.5)
-    monkeypatch.setattr(bounds, "CHUNK", 16 * 7)  # several chunks: θ rises along the way
+    monkeypatch.setattr(bounds.eigen, "EIGH_WORK", 0)
+    monkeypatch.setattr(bounds.circular, "TAU", -0.5)
+    monkeypatch.setattr(bounds.circular, "CHUNK", 16 * 7)  # several chunks: θ rises along the way
     solved, eigvalsh = [], torch.linalg.eigvalsh
     monkeypatch.setattr(torch.linalg, "eigvalsh", lambda g: solved.append(g.shape[0]) or eigvalsh(g))
     low = bounds.conv2d_fft_bound(layer.weight, (16, 16), 1, pads)
@@ -229,9 +229,9 @@ def test_bounds_where_the_model_lives(device, force, name, monkeypatch):
     there — is ≥ the exact norm (float64 oracle) and within 1.05x of it, and agrees with the
     computation on the CPU. ``*_fft`` layers are sent down the circular (FFT) path."""
     if force:
-        monkeypatch.setattr(bounds, "EIGH_WORK", 0)
+        monkeypatch.setattr(bounds.eigen, "EIGH_WORK", 0)
     if name.endswith("_fft"):
-        monkeypatch.setattr(bounds, "EXACT_MAX_DIM", 0)
+        monkeypatch.setattr(bounds.conv, "EXACT_MAX_DIM", 0)
     layer, exact = _case(name)
     cpu_bound = layer.lipschitz_bound()
     layer = layer.to(device)

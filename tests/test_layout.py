@@ -9,6 +9,7 @@ import gloronet
 import gloronet.liresnet
 import gloronet.cli
 import gloronet.evaluate.common
+import gloronet.rounding
 from gloronet import models, runs, train
 from gloronet.models import registry
 
@@ -39,3 +40,32 @@ def test_run_logic_and_device_rule_live_in_one_place():
     assert gloronet.checkpoint.load_model is runs.load_model
     src = inspect.getsource(gloronet.evaluate.common) + inspect.getsource(gloronet.cli)
     assert "def open_run" not in src and "yaml.safe_load" not in src
+
+
+# Every public name of the single-file bounds.py before it became a package (issue 19, item 6), except
+# REL_SLACK: the eigensolver's trusted error factor, replaced by a proof (item 4).
+_BOUNDS_NAMES = (
+    "GRAM_SLACK EXACT_MAX_DIM EXACT_MAX_ENTRIES SMALL_MAP U EIGH_WORK TAU TAUS LANCZOS_STEPS CHUNK "
+    "Padding round_up mul_up compute_device as_float64 same_padding conv_output_size conv2d_apply conv2d_adjoint "
+    "power_iteration_dense power_iteration_conv2d lanczos_max pow2_scales max_abs pow2_scale one_thread "
+    "hermitian_max_bound gram_norm_bound dense_norm_bound conv2d_explicit_gram gram_kernel frequency_grams "
+    "circular_conv_bound conv2d_fft_bound conv2d_norm_bound nonneg_norm_bound abs_conv2d_norm_bound"
+).split()
+
+
+def test_bounds_is_a_package_that_never_imports_fp():
+    """``from gloronet.bounds import X`` keeps working for every old name, and no module of the
+    package imports gloronet.fp (fp builds on bounds; the rounding model is gloronet.rounding)."""
+    import importlib
+    import pkgutil
+
+    from gloronet import bounds
+
+    assert hasattr(bounds, "__path__")
+    missing = [n for n in _BOUNDS_NAMES if not hasattr(bounds, n)]
+    assert not missing
+    for info in pkgutil.iter_modules(bounds.__path__):
+        module = importlib.import_module(f"gloronet.bounds.{info.name}")
+        imported = _imports(module)
+        assert not {"fp", "..fp", "gloronet.fp", "radius", "..radius"} & imported, info.name
+    assert not {"fp", ".fp"} & _imports(gloronet.rounding) and not {".bounds", "bounds"} & _imports(gloronet.rounding)

@@ -7,7 +7,7 @@ Numerical Algorithms*, 2nd ed., §2.2, §3.1; Jin, Ohrimenko & Rubinstein, "Gett
 Guarantees", 2022; Murray, "Lipschitz-Based Robustness Certification Under Floating-Point
 Execution", 2026).
 
-Model of arithmetic (what :func:`sound_kernels` enforces where it can, see README):
+Model of arithmetic (what :func:`gloronet.kernels.sound_kernels` enforces where it can, see README):
 
 * IEEE 754 binary32 / binary64 in the model's dtype, round to nearest: ``fl(a∘b) = (a∘b)(1+δ)``,
   ``|δ| ≤ u`` (``u = 2⁻²⁴`` / ``2⁻⁵³``); fused multiply-add and wider accumulators allowed.
@@ -28,51 +28,19 @@ error margin every certificate must clear.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import platform
 from dataclasses import dataclass
 
 import torch
 
-# Error bounds are non-negative polynomials of non-negative float64 numbers; evaluated in float64
-# with at most 2²⁰ operations on any path their relative error is < 2²⁰·2⁻⁵³ < 2⁻³⁰ (Higham
-# Lemma 3.1), so multiplying by INFLATE (and rounding up once more) makes every one an upper bound.
-INFLATE = 1.0 + 2.0**-30
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """``u``: 2⁻²⁴ for float32, 2⁻⁵³ for float64 (the only dtypes certification accepts)."""
-    if dtype == torch.float32:
-        return 2.0**-24
-    if dtype == torch.float64:
-        return 2.0**-53
-    raise ValueError(f"floating-point error bounds are defined for float32 and float64, got {dtype}")
-
-
-def smallest_normal(dtype: torch.dtype) -> float:
-    """``λ``: the largest error one flushed (FTZ) result or operand (DAZ) can introduce."""
-    unit_roundoff(dtype)  # validates the dtype
-    return float(torch.finfo(dtype).tiny)
+from .bounds import nonneg_norm_bound, pow2_scales
+from .kernels import no_autocast, sound_kernels  # noqa: F401  (fp.sound_kernels: the kernels assumed)
+from .rounding import INFLATE, gamma, norm_upper_from, smallest_normal, unit_roundoff, up  # noqa: F401  (fp.gamma, fp.up, ...)
 
 
 def overflow_threshold(dtype: torch.dtype) -> float:
     """Magnitudes below this never overflow in ``dtype`` (half the largest finite value)."""
     return float(torch.finfo(dtype).max) / 2
-
-
-def gamma(n: int, dtype: torch.dtype) -> float:
-    """``γ_n = n·u / (1 − n·u)`` rounded up (inf when ``n·u ≥ 1/2``: no useful bound)."""
-    u = unit_roundoff(dtype)
-    nu = n * u  # exact: a power of two times an integer < 2⁵³
-    if nu >= 0.5:
-        return math.inf
-    return math.nextafter(math.nextafter(nu / (1.0 - nu), math.inf) * INFLATE, math.inf)
-
-
-def up(x: float) -> float:
-    """An upper bound of a non-negative error polynomial evaluated in float64 (see INFLATE)."""
-    return math.nextafter(float(x) * INFLATE, math.inf)
 
 
 @dataclass(frozen=True)
@@ -100,10 +68,6 @@ class ErrorModel:
             if v < 0:
                 raise ValueError(f"ErrorModel.{name} must be >= 0, got {v}")
             object.__setattr__(self, name, v)
-
-    def out_norm(self, rho: float) -> float:
-        """Bound on ``‖φ̂(a)‖`` for ``‖a‖ ≤ rho``."""
-        return up(self.offset + (self.lip + self.rel) * rho + self.abs)
 
     def then(self, nxt: "ErrorModel") -> "ErrorModel":
         """The model of ``nxt ∘ self``. With ``ρ₁ = offset + (lip + rel)ρ + abs`` (bound on the
@@ -186,8 +150,6 @@ def affine_error_model(
     when the positions see disjoint inputs (dense layers, non-overlapping patches). ``depth``:
     rounding depth of the kernel (default ``n + 1``: any summation order).
     """
-    from .bounds import nonneg_norm_bound
-
     w = rows.detach().to(torch.float64).cpu()
     a = w.abs()
     b = None if bias is None else bias.detach().to(torch.float64).cpu()
@@ -224,100 +186,15 @@ def norm_upper(h: torch.Tensor) -> torch.Tensor:
     are measured again in float64, divided by a power of two (exact); a non-finite entry gives
     ``inf`` (nothing certifies).
     """
-    from .bounds import pow2_scales
-
     flat = h.detach().flatten(1)
     d = flat.shape[1]
-    g = gamma(d + 2, flat.dtype)
-    if g >= 0.25:  # no useful bound from a float32 reduction this long: widen first (exact)
-        flat, g = flat.to(torch.float64), gamma(d + 2, torch.float64)
-    lam = smallest_normal(flat.dtype)
-    bound = torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * (1 + 2 * g) + 2 * math.sqrt(d * lam)
+    if gamma(d + 2, flat.dtype) >= 0.25:  # no useful bound from a float32 reduction this long: widen first (exact)
+        flat = flat.to(torch.float64)
+    bound = norm_upper_from(torch.linalg.vector_norm(flat, dim=1), d, flat.dtype)
     bad = ~torch.isfinite(bound)
     if bad.any():
         rows = flat[bad].to(torch.float64)
         scale = pow2_scales(rows.abs().amax(dim=1))
-        g64 = gamma(d + 2, torch.float64)
-        again = (torch.linalg.vector_norm(rows / scale[:, None], dim=1) * (1 + 2 * g64)
-                 + 2 * math.sqrt(d * smallest_normal(torch.float64))) * scale
+        again = norm_upper_from(torch.linalg.vector_norm(rows / scale[:, None], dim=1), d, torch.float64) * scale
         bound[bad] = torch.where(torch.isfinite(rows).all(dim=1), again, math.inf)
     return torch.nextafter(bound * INFLATE, torch.full_like(bound, math.inf))
-
-
-# --------------------------------------------------------------------------- kernels
-_PRECISION_LEAVES = (
-    ("cuda", "matmul"),
-    ("cudnn", "conv"),
-    ("cudnn", "rnn"),
-    ("mkldnn", "matmul"),
-    ("mkldnn", "conv"),
-    ("mkldnn", "rnn"),
-)
-
-
-def _precision_leaves() -> list:
-    out = []
-    for backend, op in _PRECISION_LEAVES:
-        obj = getattr(getattr(torch.backends, backend, None), op, None)
-        if obj is not None and hasattr(obj, "fp32_precision"):
-            out.append(obj)
-    return out
-
-
-def no_autocast(device_type: str):
-    """Autocast off for ``device_type`` (a no-op where torch has no autocast for it)."""
-    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
-    return torch.autocast(device_type=device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def sound_kernels():
-    """Run the enclosed code with the kernels the error model assumes, restoring all settings.
-
-    * float32 inner products in IEEE float32 everywhere (no TF32 / bf16): through the per-backend
-      ``fp32_precision`` API where torch has it (never reading the legacy flags, which raise once
-      the new API was used), the legacy ``allow_tf32`` flags otherwise;
-    * cuDNN off (its heuristics may pick Winograd or FFT convolutions, whose rounding is not a
-      sum of products) and NNPACK off (Winograd / FFT on the CPU); oneDNN stays on only on x86-64,
-      where PyTorch asks it for direct convolutions (elsewhere it may hand them to Arm Compute
-      Library's Winograd). Convolutions then run in oneDNN's direct / GEMM kernels or ATen's
-      im2col + GEMM (CPU) and ATen's im2col + cuBLAS (CUDA).
-
-    A ``GloroNet`` in eval mode runs its forward pass (and ``certify``) inside this context, so
-    ``net.eval()(x)`` is the program the certificates describe whatever the global settings; wrap
-    other code (e.g. ``net.body`` called alone) in it to get the same kernels.
-    """
-    leaves = _precision_leaves()
-    saved_leaves = [leaf.fp32_precision for leaf in leaves]
-    legacy = not leaves
-    if legacy:
-        saved_legacy = (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision(),
-        )
-    saved_cudnn = torch.backends.cudnn.enabled
-    saved_mkldnn = torch.backends.mkldnn.enabled
-    nnpack_flags = getattr(torch.backends.nnpack, "set_flags", None)
-    try:
-        if legacy:
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.set_float32_matmul_precision("highest")
-        for leaf in leaves:
-            leaf.fp32_precision = "ieee"
-        torch.backends.cudnn.enabled = False
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            torch.backends.mkldnn.enabled = False
-        saved_nnpack = nnpack_flags(False) if nnpack_flags is not None else None
-        yield
-    finally:
-        if nnpack_flags is not None and "saved_nnpack" in locals():
-            nnpack_flags(*saved_nnpack)
-        torch.backends.cudnn.enabled = saved_cudnn
-        torch.backends.mkldnn.enabled = saved_mkldnn
-        for leaf, value in zip(leaves, saved_leaves):
-            leaf.fp32_precision = value
-        if legacy:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy[:2]
-            torch.set_float32_matmul_precision(saved_legacy[2])

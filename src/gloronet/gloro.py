@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fp, relaxed
+from . import fp, kernels, relaxed
 from . import radius as radius_mod
 from .bounds import mul_up
 from .head_distances import pairwise_row_distances_bound
@@ -165,11 +165,11 @@ class GloroNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. In eval mode this is exactly the program certificates describe: IEEE float32 /
-        float64 kernels that sum products (:func:`gloronet.fp.sound_kernels`), no autocast —
+        float64 kernels that sum products (:func:`gloronet.kernels.sound_kernels`), no autocast —
         whatever the global settings. Training mode runs with the caller's settings."""
         if self.training or is_compiling():  # a compiler traces the ops; the runtime sets kernels
             return self.head(self.body(x))
-        with fp.sound_kernels(), fp.no_autocast(x.device.type):
+        with kernels.sound_kernels(), kernels.no_autocast(x.device.type):
             return self.head(self.body(x))
 
     # -- training: differentiable estimates ------------------------------------------------------
@@ -210,9 +210,10 @@ class GloroNet(nn.Module):
 
     def _sound_bounds(self) -> _Bounds:
         """Bounds and head data, recomputed only when something that determines the map changed
-        (:class:`gloronet.nn.state.MapState`: modules, parameters, buffers, plain attributes)."""
+        (:class:`gloronet.nn.state.MapState`: modules, parameters, buffers, every attribute)."""
         self._check_certifiable()
         dtype = self._model_dtype()
+        kernels.check_environment(next(iter(self.parameters())).device.type)
         cache = self._bound_cache
         if cache is not None and cache.dtype == dtype and cache.state.matches(self.body, self.head):
             return cache
@@ -252,7 +253,7 @@ class GloroNet(nn.Module):
         ``arithmetic="float"`` (default): the certificate holds for this network's own
         floating-point forward pass — for every ``x'`` with ``‖x' − x‖₂ < radius`` the model
         computes the certified class (strictly), under the kernel assumptions of README "What a
-        certificate promises" (enforced here by :func:`gloronet.fp.sound_kernels`); hence also for
+        certificate promises" (enforced here by :func:`gloronet.kernels.sound_kernels`); hence also for
         the exact network. ``arithmetic="exact"``: the real-arithmetic test of the GloRo paper,
         which ignores rounding — for comparison with published numbers only.
 
@@ -300,7 +301,7 @@ class GloroNet(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            with fp.sound_kernels(), fp.no_autocast(device.type):
+            with kernels.sound_kernels(), kernels.no_autocast(device.type):
                 h, measured = xc, True
                 for step in bounds.steps:
                     if sound_fp:  # ‖input‖ of every step (re-used after steps that never lengthen)

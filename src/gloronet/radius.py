@@ -206,7 +206,7 @@ def radius_from_rows(low: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     ratio = torch.where(
         slope > 0,
         _down(low / slope).nan_to_num(nan=0.0, posinf=torch.finfo(torch.float64).max),
-        torch.where(low > 0, math.inf, 0.0),
+        torch.where((low > 0) & (slope == 0), math.inf, 0.0),  # a NaN slope never certifies
     )
     return ratio.clamp_min(0.0).nan_to_num(nan=0.0)
 

@@ -8,7 +8,9 @@ Every layer in ``gloronet.nn`` has
   floating-point forward pass can be from the exact map (``lip`` is its own bound, passed in so
   it is computed once);
 * ``iterate_buffers`` — the names of buffers that hold power-iteration iterates (they change the
-  estimate, never the map; the bound cache ignores exactly these and nothing else).
+  estimate, never the map; the bound cache ignores exactly these buffers);
+* ``derived_attributes`` — names of plain attributes that hold caches derived from the rest
+  (never the map); every other attribute is part of the fingerprint (:mod:`gloronet.nn.state`).
 
 A container (``Sequential``, ``LiResStack``) instead lists the modules it applies in order with
 ``sequential_parts()``. :func:`body_steps` flattens a body into the leaf layers certification
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import fp
-from ..tracing import is_compiling
+from .state import EvalCache  # noqa: F401  (the layers' derived-weight cache; keyed on MapState)
 
 # Stateless torch modules whose L2 Lipschitz constant is known exactly.
 _KNOWN_ONE_LIPSCHITZ = (nn.Identity, nn.Flatten, nn.ReLU)
@@ -41,6 +43,7 @@ class LipschitzModule(nn.Module):
     """
 
     iterate_buffers: tuple[str, ...] = ()
+    derived_attributes: tuple[str, ...] = ()
     norm_nonincreasing: bool = False
 
     def lipschitz(self) -> torch.Tensor:  # pragma: no cover - interface
@@ -161,45 +164,3 @@ def lipschitz_estimate_of(module: nn.Module) -> torch.Tensor:
     if type(module) in _KNOWN_ONE_LIPSCHITZ:
         return torch.ones(())
     raise _unbounded(module)
-
-
-class EvalCache:
-    """A tensor derived from parameters (a normalised or orthogonalised weight, a residual kernel),
-    computed once without gradient and reused until a source tensor changes (exact comparison).
-
-    The eval-mode forward pass, ``lipschitz_bound()`` and ``error_model()`` all read the one
-    tensor this returns, so the bound describes exactly the weight the forward pass applies.
-    ``memo`` holds values computed from that tensor (its bounds); it is cleared with it.
-    """
-
-    def __init__(self):
-        self._sources: list[torch.Tensor] | None = None
-        self._key = None
-        self.value: torch.Tensor | None = None
-        self.memo: dict = {}
-
-    def get(self, sources: list[torch.Tensor], compute, key=()) -> torch.Tensor:
-        """The cached ``compute()`` while ``sources`` (tensors) and ``key`` (plain values such as
-        ``depth`` or ``eps``) equal those it was computed from; recomputed otherwise. While
-        ``torch.compile`` / ``torch.export`` trace, the graph computes it (no data-dependent check)."""
-        if is_compiling():
-            with torch.no_grad():
-                return compute()
-        if self._sources is not None and self._key == key and len(self._sources) == len(sources) and all(
-            s.shape == t.shape and s.dtype == t.dtype and s.device == t.device and torch.equal(s, t.detach())
-            for s, t in zip(self._sources, sources)
-        ):
-            return self.value
-        with torch.no_grad():
-            value = compute()
-        self._sources, self._key, self.value, self.memo = [t.detach().clone() for t in sources], key, value, {}
-        return value
-
-    def remember(self, key, compute):
-        """``compute()`` once per cached tensor (e.g. its Lipschitz bound)."""
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
-
-    def clear(self) -> None:
-        self._sources, self._key, self.value, self.memo = None, None, None, {}

@@ -31,7 +31,7 @@ from ..bounds import (
     power_iteration_conv2d,
     same_padding,
 )
-from . import accumulate
+from . import accumulate, depthwise
 from .base import LipschitzModule
 
 
@@ -117,6 +117,8 @@ class LipConv2d(LipschitzModule):
                 f"depends on the input size) but got {hw[0]}x{hw[1]}; build a new model for this input size"
             )
         if not self.training:
+            if depthwise.needs_taps(self.in_channels, self.weight.shape, self.stride, self.groups):
+                return depthwise.conv2d_taps(x, self.weight, self.bias, self.pads(hw))  # no Winograd
             return accumulate.conv2d(x, self.weight, self.bias, self.stride, self.pads(hw), self.groups)
         left, right, top, bottom = self.pads(hw)
         if left == right and top == bottom:  # zero padding inside the kernel: no padded copy, bias fused

@@ -8,7 +8,7 @@ term rounded at most ``d ≈ n/8`` times, so ``‖ŷ − y‖ ≤ γ_d(‖|W|‖
 
 Subclasses whose weight is *derived* from the parameters (``LLNLinear``) override
 :meth:`derive_weight`; in eval mode the forward pass, the bound and the error model then all
-read one cached tensor (:class:`gloronet.nn.base.EvalCache`).
+read one cached tensor (:class:`gloronet.nn.state.EvalCache`).
 """
 from __future__ import annotations
 
@@ -44,14 +44,23 @@ class LipLinear(LipschitzModule):
     def _derived(self) -> bool:
         return type(self).derive_weight is not LipLinear.derive_weight
 
-    def applied_weight(self) -> torch.Tensor:
-        """The matrix the eval-mode forward multiplies by (no gradient; cached if derived)."""
+    def _applied_weight(self) -> torch.Tensor:
+        """The matrix the eval-mode forward multiplies by, itself (cached if derived): what the
+        forward pass and the bounds read."""
         if not self._derived():
             return self.weight.detach()
-        return self._eval_weight.get([self.weight], self.derive_weight)
+        return self._eval_weight.get(self, self.derive_weight)
+
+    def applied_weight(self) -> torch.Tensor:
+        """The matrix the eval-mode forward multiplies by (no gradient). A derived weight is handed
+        out as a copy, so editing it cannot change the map behind its bound; ``W`` itself is the
+        parameter (an edit of it is an edit of the parameter, which the bound cache sees)."""
+        w = self._applied_weight()
+        return w.clone() if self._derived() else w
 
     def forward_weight(self) -> torch.Tensor:
-        """Training: :meth:`derive_weight` (differentiable); eval: the cached :meth:`applied_weight`."""
+        """Training: :meth:`derive_weight` (differentiable); eval: :meth:`applied_weight` (a copy
+        if derived)."""
         if self.training or not self._derived():
             return self.derive_weight()
         return self.applied_weight()
@@ -68,7 +77,7 @@ class LipLinear(LipschitzModule):
             raise ValueError(f"{type(self).__name__} expects {self.in_features} input features, got shape {tuple(x.shape)}")
         if self.training:
             return F.linear(x, self.forward_weight(), self.bias)
-        return accumulate.linear(x, self.forward_weight(), self.bias)
+        return accumulate.linear(x, self._applied_weight(), self.bias)
 
     def rounding_depth(self) -> int:
         """Most roundings a term of an eval-mode output passes through."""
@@ -80,13 +89,13 @@ class LipLinear(LipschitzModule):
         return power_iteration_dense(self.forward_weight(), self.power_u, n)
 
     def lipschitz_bound(self) -> float:
-        return dense_norm_bound(self.applied_weight())
+        return dense_norm_bound(self._applied_weight())
 
     def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
         positions = 1
         for s in in_shape[:-1]:  # F.linear applies W to every leading position
             positions *= s
-        return fp.affine_error_model(self.applied_weight(), self.bias, lip, dtype, positions, depth=self.rounding_depth())
+        return fp.affine_error_model(self._applied_weight(), self.bias, lip, dtype, positions, depth=self.rounding_depth())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

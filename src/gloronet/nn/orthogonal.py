@@ -117,14 +117,15 @@ class _CholeskyLayer(LipschitzModule):
       every forward; ``lipschitz()`` reuses that same tensor once if the parameters have not changed
       since, so a training step orthogonalises once.
     * eval mode: the produced weight is computed without gradient and cached
-      (:class:`~gloronet.nn.base.EvalCache`, keyed on an exact copy of the parameters and on
-      ``eps``/``depth``); the forward pass, ``lipschitz_bound()`` and ``error_model()`` read the
+      (:class:`~gloronet.nn.state.EvalCache`, keyed on the layer's whole state: parameters,
+      buffers, ``eps``, ``depth`` …); the forward pass, ``lipschitz_bound()`` and ``error_model()`` read the
       *same* tensor, so the bound describes exactly the map that is certified. No gradient
       reaches the parameters in eval mode. :meth:`produced_weight` hands out a copy, so editing
       it cannot change the cached weight behind the bound.
     """
 
     iterate_buffers = ("power_u",)
+    derived_attributes = ("_step_cache",)  # the training step's weight, reused by lipschitz()
 
     def __init__(self, eps: float, relative_eps: bool, power_iters: int):
         super().__init__()
@@ -150,9 +151,9 @@ class _CholeskyLayer(LipschitzModule):
         return tuple((p._version, p.data_ptr(), p.device) for p in self._orth_params())
 
     def _applied_weight(self) -> torch.Tensor:
-        """The eval-mode weight itself (no gradient, cached): what forward and bounds read."""
-        key = (self.eps, self.relative_eps, getattr(self, "depth", None))
-        return self._eval.get(self._orth_params(), self.compute_weight, key=key)
+        """The eval-mode weight itself (no gradient, cached while the layer's whole state is
+        unchanged: :class:`~gloronet.nn.state.EvalCache`): what forward and bounds read."""
+        return self._eval.get(self, self.compute_weight)
 
     def produced_weight(self) -> torch.Tensor:
         """A copy of the eval-mode weight (the cached one stays private)."""
@@ -164,10 +165,17 @@ class _CholeskyLayer(LipschitzModule):
         w = self._applied_weight()
         mats = w.unbind(0) if w.dim() == 3 else [w]
         starts = self.power_u.reshape(len(mats), -1)
-        return self._eval.remember("bounds", lambda: [dense_norm_bound(m, u) for m, u in zip(mats, starts)])
+        return self._eval.remember(self, "bounds", lambda: [dense_norm_bound(m, u) for m, u in zip(mats, starts)])
 
     def weight_matrix(self) -> torch.Tensor:
-        """The weight the forward pass uses in the current mode."""
+        """The weight the forward pass uses in the current mode (in eval mode a copy of the cached
+        one, like :meth:`produced_weight`)."""
+        if not self.training:
+            return self.produced_weight()
+        return self._forward_weight()
+
+    def _forward_weight(self) -> torch.Tensor:
+        """What the forward pass multiplies by: the cached weight itself in eval mode."""
         if not self.training:
             return self._applied_weight()
         w = self.compute_weight()
@@ -232,7 +240,7 @@ class CholeskyOrthLinear(_CholeskyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects {self.in_features} input features, got shape {tuple(x.shape)}")
-        w = self.weight_matrix().to(x.dtype)
+        w = self._forward_weight().to(x.dtype)
         return F.linear(x, w, self.bias) if self.training else accumulate.linear(x, w, self.bias)
 
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
@@ -330,7 +338,7 @@ class ChordMLP(_CholeskyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.features:
             raise ValueError(f"ChordMLP expects {self.features} input features, got shape {tuple(x.shape)}")
-        weights = self.weight_matrix().to(x.dtype)
+        weights = self._forward_weight().to(x.dtype)
         dense = F.linear if self.training else accumulate.linear
         for w, b in zip(weights.unbind(0), self.bias.unbind(0)):
             x = self.act(dense(x, w, b))
@@ -422,7 +430,7 @@ class CholeskyOrthConv2d(_CholeskyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CholeskyOrthConv2d expects (B, {self.in_channels}, H, W) input, got shape {tuple(x.shape)}")
-        m = self.weight_matrix().to(x.dtype)
+        m = self._forward_weight().to(x.dtype)
         k = self.kernel_size
         kernel = m.reshape(self.out_channels, self.in_channels, k, k)
         if self.training:

@@ -21,7 +21,7 @@ same affine map as ``conv(x, K) + shift``, but the identity term is added once i
 being summed inside every convolution output, so its rounding is ``γ₂|x|`` rather than
 ``γ_{n+2}|x|`` (``n = width·k²``): ``‖e‖ ≤ γ_{d+2}‖|R|‖₂‖x‖ + γ₂‖x‖ + γ₁‖shift‖`` with ``d`` the
 rounding depth of the chunked eval convolution (:mod:`gloronet.nn.accumulate`).
-In eval mode ``R`` is computed once (:class:`~gloronet.nn.base.EvalCache`) and the forward pass,
+In eval mode ``R`` is computed once (:class:`~gloronet.nn.state.EvalCache`) and the forward pass,
 the bound and the error model read that same tensor.
 
 Estimate: power iteration on the whole kernel ``K`` (identity included). Bound:
@@ -53,7 +53,7 @@ from ..bounds import (
     round_up,
     same_padding,
 )
-from . import accumulate
+from . import accumulate, depthwise
 from .activation import MinMax
 from .base import EvalCache, LipschitzModule, UnboundedLayerError
 
@@ -148,9 +148,14 @@ class LiResBlock(LipschitzModule):
         """``depth^-½ · γ ⊙ V`` (the residual branch alone)."""
         return (self.depth**-0.5) * (self.gamma * self.weight)
 
+    def _applied_residual_kernel(self) -> torch.Tensor:
+        """``R`` as the eval-mode forward pass uses it, itself (no gradient; cached while the
+        block's whole state — γ, V, depth, input size … — is unchanged)."""
+        return self._eval_kernel.get(self, self.residual_kernel)
+
     def applied_residual_kernel(self) -> torch.Tensor:
-        """``R`` as the eval-mode forward pass uses it (no gradient; cached until γ or V change)."""
-        return self._eval_kernel.get([self.gamma, self.weight], self.residual_kernel, key=(self.depth,))
+        """A copy of ``R`` as the eval-mode forward pass uses it (editing it cannot change the map)."""
+        return self._applied_residual_kernel().clone()
 
     def _identity(self, like: torch.Tensor) -> torch.Tensor:
         c = self.kernel_size // 2
@@ -197,7 +202,11 @@ class LiResBlock(LipschitzModule):
                 offset = self.bias - mean
             out = x + r + offset.to(r.dtype).view(1, -1, 1, 1)
         else:
-            out = x + accumulate.conv2d(x, self.applied_residual_kernel(), None, 1, self.pads)
+            r = self._applied_residual_kernel()
+            if depthwise.needs_taps(self.width, r.shape, 1, 1):  # width 1: no Winograd
+                out = x + depthwise.conv2d_taps(x, r, None, self.pads)
+            else:
+                out = x + accumulate.conv2d(x, r, None, 1, self.pads)
             out = out + self.shift().to(out.dtype).view(1, -1, 1, 1)
         return self.act(out)
 
@@ -211,28 +220,29 @@ class LiResBlock(LipschitzModule):
         in float64, where each centre-diagonal entry may round by ``2⁻⁵³|1 + R_cc|``; that
         perturbation is a pointwise diagonal map of norm ``≤ 2⁻⁵³(1 + max|R_cc|)``."""
         self._check_act()
-        r = self.applied_residual_kernel()
+        r = self._applied_residual_kernel()
 
         def compute():
             r64 = as_float64(r)
             c = self.kernel_size // 2
             centre = r64[:, :, c, c].diagonal().abs().max()
-            exact_part = conv2d_norm_bound(r64 + self._identity(r64), self.input_hw, 1, self.pads, start=self.power_v)
+            start = self.power_v if self.power_v.shape == (1, self.width, *self.input_hw) else None
+            exact_part = conv2d_norm_bound(r64 + self._identity(r64), self.input_hw, 1, self.pads, start=start)
             return round_up(exact_part + 2.0**-52 * (1.0 + float(centre)))
 
-        return self._eval_kernel.remember("bound", compute)
+        return self._eval_kernel.remember(self, "bound", compute)
 
     def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
         """``out = fl(fl(x + conv(x, R)) + shift)``: products pass the chunked convolution's depth
         plus 2 roundings, ``x`` two, the shift one; then MinMax (exact up to flushed subnormals)."""
         self._check_act()
-        r = self.applied_residual_kernel()
+        r = self._applied_residual_kernel()
         n = self.width * self.kernel_size**2
         depth = accumulate.rounding_depth(n, self.width, bias=False) + 2  # then + x, + shift
         hw = self.input_hw[0] * self.input_hw[1]
         numel = self.width * hw
-        a_r = self._eval_kernel.remember("abs_norm", lambda: abs_conv2d_norm_bound(r, 1))
-        row_abs = 1.0 + float(r.detach().abs().flatten(1).sum(dim=1).max())
+        a_r = self._eval_kernel.remember(self, "abs_norm", lambda: abs_conv2d_norm_bound(r, 1))
+        row_abs = 1.0 + float(as_float64(r).abs().flatten(1).sum(dim=1).max())  # float64: within INFLATE
         shift = self.shift().detach().to(torch.float64).cpu()
         g_n, g2, g1, lam = fp.gamma(depth, dtype), fp.gamma(2, dtype), fp.gamma(1, dtype), fp.smallest_normal(dtype)
         offset = float(shift.norm()) * math.sqrt(hw)
