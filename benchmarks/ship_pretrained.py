@@ -5,7 +5,7 @@
 
 Writes ``src/gloronet/pretrained/models/<name>/`` = the run's ``config.yaml``, ``model.json``,
 ``model.safetensors`` (byte copies; the weights' SHA-256 is checked on the way) and ``card.json``:
-recipe, training commit, epochs and CPU seconds from ``log.csv``, and the counts of
+recipe, training commit, epochs and training seconds (log.csv's ``seconds``, summed) with the thread count, and the counts of
 :func:`gloronet.pretrained.cards.measure` on the full test split, measured here with the
 machine facts of :func:`gloronet.pretrained.cards.machine`. ``tests/test_pretrained.py`` then
 demands that certifying the shipped model reproduces the card.
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--recipe", required=True, help="the configs/ file the run was trained with")
     ap.add_argument("--commit", required=True, help="gloronet commit the run was trained with")
+    ap.add_argument("--threads", type=int, required=True, help="torch threads the run trained with")
     ap.add_argument("--note", default="", help="how it was trained, if not the recipe alone (e.g. --epochs=100)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -45,9 +46,10 @@ def main(argv=None) -> int:
     x, y = load_dataset(cfg["dataset"], "test", dtype=torch.uint8)
     counts = measure(net, x, y)
     card = {
-        "name": args.name, "dataset": cfg["dataset"], "epsilon": net.epsilon, "architecture": meta["model"],
+        "name": args.name, "dataset": cfg["dataset"], "epsilon": net.epsilon, "architecture": meta["model"]["name"],
         "recipe": args.recipe, "note": args.note, "epochs": int(rows[-1]["epoch"]),
-        "train_cpu_seconds": round(sum(float(r["seconds"]) for r in rows), 1),
+        "train_seconds": round(sum(float(r["seconds"]) for r in rows), 1),
+        "train_threads": args.threads,
         "gloronet_commit": args.commit, "sha256": meta["sha256"],
         "test_split": f"{cfg['dataset']} test, all {counts['n']} images",
         **counts, "measured_on": machine(), "measured_with": f"gloronet {gloronet.__version__}",

@@ -53,7 +53,7 @@ def test_card_matches_the_files(name):
     card = pretrained.card(name)
     meta = json.loads((pretrained.resolve(name) / "model.json").read_text())
     assert card["name"] == name and card["sha256"] == meta["sha256"] and card["epsilon"] == meta["epsilon"]
-    assert card["architecture"] == meta["model"] and card["n"] == 10000
+    assert card["architecture"] == meta["model"]["name"] and card["n"] == 10000
     net = pretrained.load(name)
     assert not net.training and net.epsilon == card["epsilon"] and net.input_range == (0.0, 1.0)
 
