@@ -374,3 +374,20 @@ def test_a_stale_sll_scale_would_be_caught():
     assert torch.equal(layer(x), copy.deepcopy(layer)(x))
     assert layer.lipschitz_bound() <= 1 + 1e-6  # a stale c would give μ ≈ 4·2, a bound ≈ 7
     torch.testing.assert_close(layer.applied_scales(), c_old / 4)
+
+
+# ------------------------------------------------------------------ registry
+@pytest.mark.parametrize("name,shape", [("aol-mnist", (1, 28, 28)), ("sll-mnist", (1, 28, 28)),
+                                        ("aol-small", (3, 32, 32)), ("sll-small", (3, 32, 32))])
+def test_registered_families_build_and_certify(name, shape):
+    torch.manual_seed(14)
+    net = gloronet.models.create(name, shape, 10, 1.58).eval()
+    kinds = {type(m) for m in net.modules()}
+    assert kinds & ({AOLConv2d, AOLLinear} if name.startswith("aol") else {SLLConv2d, SLLLinear})
+    x = torch.rand(2, *shape)
+    assert net(x).shape == (2, 10)
+    if name.endswith("mnist"):  # the CIFAR-shaped bounds take seconds: built and run only
+        bound = net.lipschitz_bound()
+        assert 0 < bound < math.inf
+        cert = net.certify(x)
+        assert bool(torch.isfinite(cert.radius).all())
