@@ -251,6 +251,22 @@ def test_sll_forward_matches_theorem_3(make):
         torch.testing.assert_close(layer(x).to(D64), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_sll_conv_with_one_channel_sums_taps_where_winograd_would_run(monkeypatch):
+    """On builds that send 1-channel 3×3 convolutions to Winograd the block sums taps itself; the
+    map is the same (Theorem 3's equation)."""
+    torch.manual_seed(16)
+    layer = SLLConv2d(1, (4, 5), inner=1).eval()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(3, 1, 4, 5)
+    monkeypatch.setattr(gloronet.kernels, "winograd_depthwise_build", lambda arch=None: True)
+    calls = []
+    taps = gloronet.nn.depthwise.conv2d_taps
+    monkeypatch.setattr(gloronet.nn.depthwise, "conv2d_taps", lambda *a: calls.append(1) or taps(*a))
+    torch.testing.assert_close(layer(x).to(D64), _sll_conv_ref(layer, x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # both convolutions of the block
+
+
 @pytest.mark.parametrize("inp,out", [(8, 8), (10, 6), (5, 9)])
 def test_bro_forward_matches_the_block_reflector(inp, out):
     torch.manual_seed(6)
@@ -359,6 +375,17 @@ def test_in_place_edits_after_certifying_are_seen(edit):
     if edit.startswith(("aol", "bro")):
         assert after != before  # the bound is the applied weight's, so it moves with it
     assert torch.equal(net.certify(x).radius, fresh.certify(x).radius)
+
+
+def test_an_sll_blocks_bound_follows_its_input_size():
+    """The memoised bound is keyed on the whole state: a new ``input_hw`` is a new operator."""
+    torch.manual_seed(15)
+    layer = _LooseConv(2, (3, 3), inner=2).eval()
+    small = layer.lipschitz_bound()
+    layer.input_hw = (7, 7)
+    fresh = _LooseConv(2, (7, 7), inner=2).eval()
+    fresh.load_state_dict(layer.state_dict())
+    assert layer.lipschitz_bound() == fresh.lipschitz_bound() != small
 
 
 def test_a_stale_sll_scale_would_be_caught():

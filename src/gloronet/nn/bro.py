@@ -50,7 +50,8 @@ class BROLinear(LipLinear):
 
     def derive_weight(self) -> torch.Tensor:
         v = self.reflector if self.reflector.dtype in (torch.float32, torch.float64) else self.reflector.float()
-        return block_reflector(v)[: self.out_features, : self.in_features]
+        with torch.autocast(device_type=v.device.type, enabled=False):  # the solve needs fp32 at least
+            return block_reflector(v)[: self.out_features, : self.in_features]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"

@@ -100,7 +100,9 @@ class LipConv2d(LipschitzModule):
         return self.applied_weight()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(): drop the cached kernel
-        self._eval_weight.clear()
+        cache = self.__dict__.get("_eval_weight")  # absent in layers pickled before it existed
+        if cache is not None:
+            cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     # -- geometry ---------------------------------------------------------------------------

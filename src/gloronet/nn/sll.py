@@ -52,7 +52,7 @@ from ..bounds import (
     nonneg_norm_bound,
 )
 from ..rounding import gamma64, mul_up, round_up, smallest_normal, up
-from . import accumulate
+from . import accumulate, depthwise
 from .base import EvalCache, LipschitzModule
 
 
@@ -72,6 +72,14 @@ def sll_conv_scales(kernel: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def _weighted_row_sums(gram: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``Σ_j gram_ij e^{q_j − q_i}`` (never 0: a zero row gives an infinite ``c`` times a zero column)."""
     return (gram * torch.exp(q[None, :] - q[:, None])).sum(dim=1).clamp_min(1e-30)
+
+
+def _sound_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, pads) -> torch.Tensor:
+    """The eval-mode stride-1 convolution, as ``LipConv2d`` runs it: chunked sums, or tap sums
+    where this build would use Winograd (one input channel, 3×3)."""
+    if depthwise.needs_taps(w.shape[1], w.shape, 1, 1):
+        return depthwise.conv2d_taps(x, w, bias, pads)
+    return accumulate.conv2d(x, w, bias, 1, pads)
 
 
 def _lip_from_mu(norm_b: float) -> float:
@@ -240,8 +248,8 @@ class SLLConv2d(_SLLBase):
             h = F.relu(F.conv2d(x, w, self.bias, padding=p)) * self.scales().view(1, -1, 1, 1)
             return x - F.conv2d(h, self.adjoint_kernel(w), padding=p)
         w = self.weight.detach()
-        h = F.relu(accumulate.conv2d(x, w, self.bias, 1, self.pads)) * self._applied_scales().view(1, -1, 1, 1)
-        return x - accumulate.conv2d(h, self.adjoint_kernel(w), None, 1, self.pads)
+        h = F.relu(_sound_conv(x, w, self.bias, self.pads)) * self._applied_scales().view(1, -1, 1, 1)
+        return x - _sound_conv(h, self.adjoint_kernel(w), None, self.pads)
 
     def _bound(self) -> float:
         scaled = self._scaled_weight64()
