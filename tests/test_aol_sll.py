@@ -147,7 +147,7 @@ CONVS = [  # (kernel, stride, padding, input size)
 @pytest.mark.parametrize("k,s,pad,hw", CONVS, ids=[f"k{k}s{s}-{p}-{hw[0]}x{hw[1]}" for k, s, p, hw in CONVS])
 def test_aol_conv_bound_covers_the_applied_kernel_and_is_tight(k, s, pad, hw):
     torch.manual_seed(1)
-    layer = AOLConv2d(3, 4, k, stride=s, padding=pad, input_size=hw).eval()
+    layer = AOLConv2d(3, 4, k, stride=s, padding=pad, input_size=hw, init="orthogonal").eval()
     twin = LipConv2d(3, 4, k, stride=s, padding=pad, input_size=hw).eval()
     with torch.no_grad():
         twin.weight.copy_(layer.applied_weight())
@@ -227,7 +227,7 @@ def test_aol_dense_forward_matches_theorem_1():
 @pytest.mark.parametrize("k,s,pad,hw", CONVS[:3], ids=["k3s1", "k4s2", "k2s1"])
 def test_aol_conv_forward_matches_theorem_2(k, s, pad, hw):
     torch.manual_seed(4)
-    layer = AOLConv2d(3, 5, k, stride=s, padding=pad, input_size=hw)
+    layer = AOLConv2d(3, 5, k, stride=s, padding=pad, input_size=hw, init="orthogonal")
     x = torch.randn(2, 3, *hw)
     ref = F.conv2d(F.pad(x.to(D64), layer.pads(hw)), _aol_conv_ref(layer.weight.detach()), layer.bias.detach().to(D64),
                    stride=s)
@@ -301,6 +301,15 @@ def test_sll_rounding_within_its_error_model(make):
         err = (layer(x).to(D64).flatten(1) - exact).norm(dim=1)
     allowed = model.rel * xf.norm(dim=1) + model.abs
     assert bool((err <= allowed).all()) and float((err / allowed).max()) > 1e-3  # sound, not vacuous
+
+
+def test_aol_conv_starts_as_a_centred_orthogonal_map():
+    """berndprach/AOL's default init: the rescaling is 1 and the layer an isometry of pixels."""
+    torch.manual_seed(17)
+    layer = AOLConv2d(3, 5, 3, input_size=(5, 5)).eval()
+    torch.testing.assert_close(layer.applied_weight(), layer.weight.detach())
+    a = impulse_matrix(layer, (3, 5, 5))
+    torch.testing.assert_close(a.t() @ a, torch.eye(75, dtype=D64), atol=1e-6, rtol=0)
 
 
 def test_training_paths_are_differentiable():

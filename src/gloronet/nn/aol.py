@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .conv import LipConv2d
 from .linear import LipLinear
@@ -50,12 +51,23 @@ class AOLLinear(LipLinear):
 class AOLConv2d(LipConv2d):
     """Convolution with the AOL-rescaled kernel ``K·d`` (per input channel, :func:`aol_conv_scales`).
 
-    ``groups = 1`` only (the paper's layer)."""
+    ``groups = 1`` only (the paper's layer). Initialisation as berndprach/AOL's default
+    (``orthogonal_center``: an orthogonal matrix at the kernel's centre tap ``(k − 1)//2``, zeros
+    elsewhere, so that an AOL layer starts as a 1×1 orthogonal map); ``init="orthogonal"`` keeps
+    ``LipConv2d``'s."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, init: str = "orthogonal_center", **kwargs):
         super().__init__(*args, **kwargs)
         if self.groups != 1:
             raise ValueError(f"AOLConv2d supports groups=1 only, got groups={self.groups}")
+        if init not in ("orthogonal_center", "orthogonal"):
+            raise ValueError(f"init must be 'orthogonal_center' or 'orthogonal', got {init!r}")
+        if init == "orthogonal_center":
+            c = (self.kernel_size - 1) // 2
+            centre = nn.init.orthogonal_(torch.empty(self.out_channels, self.in_channels, device=self.weight.device))
+            with torch.no_grad():
+                self.weight.zero_()
+                self.weight[:, :, c, c] = centre
 
     def derive_weight(self) -> torch.Tensor:
         return self.weight * aol_conv_scales(self.weight)[None, :, None, None]
