@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import gloronet
-from conftest import exact_norm, impulse_matrix
+from conftest import exact_norm, impulse_matrix, train_briefly
 from gloronet.nn import (
     AOLConv2d,
     AOLLinear,
@@ -350,7 +350,11 @@ def test_certified_points_survive_the_rounding_search(monkeypatch):
     """No certified ``x'`` inside a float radius flips; with the SLL bounds understated 100x (a
     mutant), the same attack does find flips — so it can see a wrong bound."""
     net = _family_net(9)
-    x = torch.randn(24, 2, 6, 6, generator=torch.Generator().manual_seed(10))
+    gen = torch.Generator().manual_seed(10)
+    data = torch.randn(256, 2, 6, 6, generator=gen)
+    labels = (data.flatten(1) @ torch.randn(72, 3, generator=gen)).argmax(1)  # a learnable rule
+    train_briefly(net, data, labels, steps=30, batch=32, lr=1e-2, gen=gen)
+    x = torch.randn(24, 2, 6, 6, generator=gen)
     cert = net.certify(x)
     res = _attack(net, x, cert, seed=1, ulp_moves=40, singles=2, max_points=6)
     assert res.points > 0 and res.candidates > 0, "vacuous: no certified point was attacked"
@@ -363,6 +367,19 @@ def test_certified_points_survive_the_rounding_search(monkeypatch):
     assert float(bad.radius.max()) > 100 * float(cert.radius.max())
     res_bad = _attack(mutant, x, bad, seed=1, ulp_moves=10, singles=1, max_points=4)
     assert res_bad.flips, "the attack cannot see a 100x understated bound"
+
+
+def test_float64_models_recompute_their_weights_and_certify():
+    """``.double()`` drops the cached float32 weights / scales: the float64 model derives its own,
+    bounds them, and certifies about as much (its rounding allowance is smaller)."""
+    net = _family_net(18)
+    x = torch.randn(16, 2, 6, 6, generator=torch.Generator().manual_seed(19))
+    r32 = net.certify(x).radius
+    net64 = copy.deepcopy(net).double()
+    r64 = net64.certify(x.double()).radius
+    assert net64.body[0].applied_scales().dtype == D64 and net64.body[1].applied_weight().dtype == D64
+    assert bool((r32 > 0).any()) and bool(torch.isfinite(r64).all())
+    assert bool((r64 >= r32 * (1 - 1e-4)).all())  # less rounding to allow for in float64
 
 
 # ------------------------------------------------------------------ (d) edits after certifying
