@@ -185,7 +185,8 @@ def residual_model(branch: ErrorModel, lip: float, numel: int, dtype: torch.dtyp
     bound of the whole map's Lipschitz constant (not ``1 + L_g``: proven by the layer).
 
     ``‖fl(a ± ĝ) − (a ± g)‖ ≤ ‖ĝ − g‖ + u‖a ± ĝ‖ + λ√n`` and ``‖a ± ĝ‖ ≤ ‖a‖ + offset_g +
-    (L_g + rel_g)‖a‖ + abs_g``; ``‖φ(0)‖ = ‖g(0)‖ ≤ offset_g``; peaks add."""
+    (L_g + rel_g)‖a‖ + abs_g``; ``‖φ(0)‖ = ‖g(0)‖ ≤ offset_g``; the output's entries are at most
+    ``(1 + u)‖a ± ĝ‖ + λ``, and peaks add."""
     u, lam = unit_roundoff(dtype), smallest_normal(dtype)
     grow = branch.lip + branch.rel
     return ErrorModel(
@@ -193,8 +194,8 @@ def residual_model(branch: ErrorModel, lip: float, numel: int, dtype: torch.dtyp
         rel=up(branch.rel + u * (1 + grow)),
         abs=up(branch.abs + u * (branch.offset + branch.abs) + lam * math.sqrt(numel)),
         offset=branch.offset,
-        peak_rel=up(branch.peak_rel + 1 + grow),
-        peak_abs=up(branch.peak_abs + branch.offset + branch.abs),
+        peak_rel=up(branch.peak_rel + (1 + u) * (1 + grow)),
+        peak_abs=up(branch.peak_abs + (1 + u) * (branch.offset + branch.abs) + lam),
     )
 
 
