@@ -29,7 +29,10 @@ from gloronet.nn import (
     SLLConv2d,
     SLLLinear,
 )
+import reference as ref
+from gloronet import fp
 from test_fp_attacks import _attack
+from test_reference import _models_equal
 from test_state import _uncached
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -310,6 +313,24 @@ def test_aol_conv_starts_as_a_centred_orthogonal_map():
     torch.testing.assert_close(layer.applied_weight(), layer.weight.detach())
     a = impulse_matrix(layer, (3, 5, 5))
     torch.testing.assert_close(a.t() @ a, torch.eye(75, dtype=D64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_scale_and_residual_models_against_the_reference(dtype):
+    """``fp.scale_model`` / ``fp.residual_model`` against their derivations in exact arithmetic
+    (tests/reference.py): ``fl(c a) = c a(1 + δ) + η``; ``fl(a − ĝ) = (a − ĝ)(1 + δ) + η`` with
+    ``‖a − ĝ‖ ≤ (1 + L + rel)‖a‖ + offset + abs``."""
+    mpf, u, lam = ref.mpf, ref.u_of(dtype), ref.lam_of(dtype)
+    _models_equal(fp.scale_model(0.75, 40, dtype),
+                  ref.Model(lip=mpf(0.75), rel=u * mpf(0.75), abs=lam * ref.mpmath.sqrt(40),
+                            peak_rel=(1 + u) * mpf(0.75), peak_abs=lam))
+    branch = fp.ErrorModel(lip=1.7, rel=3e-6, abs=2e-9, offset=0.4, peak_rel=5.0, peak_abs=0.3)
+    b = ref.Model.of(branch)
+    grow = b.lip + b.rel
+    _models_equal(fp.residual_model(branch, 1.02, 30, dtype),
+                  ref.Model(lip=mpf(1.02), rel=b.rel + u * (1 + grow), abs=b.abs + u * (b.offset + b.abs) + lam * ref.mpmath.sqrt(30),
+                            offset=b.offset, peak_rel=b.peak_rel + (1 + u) * (1 + grow),
+                            peak_abs=b.peak_abs + (1 + u) * (b.offset + b.abs) + lam))
 
 
 def test_training_paths_are_differentiable():
