@@ -147,10 +147,11 @@ CONVS = [  # (kernel, stride, padding, input size)
 ]
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "orthogonal_center"])
 @pytest.mark.parametrize("k,s,pad,hw", CONVS, ids=[f"k{k}s{s}-{p}-{hw[0]}x{hw[1]}" for k, s, p, hw in CONVS])
-def test_aol_conv_bound_covers_the_applied_kernel_and_is_tight(k, s, pad, hw):
+def test_aol_conv_bound_covers_the_applied_kernel_and_is_tight(k, s, pad, hw, init):
     torch.manual_seed(1)
-    layer = AOLConv2d(3, 4, k, stride=s, padding=pad, input_size=hw, init="orthogonal").eval()
+    layer = AOLConv2d(3, 4, k, stride=s, padding=pad, input_size=hw, init=init).eval()
     twin = LipConv2d(3, 4, k, stride=s, padding=pad, input_size=hw).eval()
     with torch.no_grad():
         twin.weight.copy_(layer.applied_weight())
