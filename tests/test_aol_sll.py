@@ -425,6 +425,19 @@ def test_in_place_edits_after_certifying_are_seen(edit):
     assert torch.equal(net.certify(x).radius, fresh.certify(x).radius)
 
 
+@pytest.mark.parametrize("make,accessor", [
+    (lambda: AOLLinear(6, 4), "applied_weight"), (lambda: AOLConv2d(2, 3, 3, input_size=(4, 4)), "applied_weight"),
+    (lambda: BROLinear(6, 6), "applied_weight"), (lambda: SLLLinear(6), "applied_scales"),
+    (lambda: SLLConv2d(2, (4, 4)), "applied_scales")], ids=["aol", "aol-conv", "bro", "sll", "sll-conv"])
+def test_public_accessors_hand_out_copies(make, accessor):
+    torch.manual_seed(20)
+    layer = make().eval()
+    x = torch.randn(3, 6) if isinstance(layer, (AOLLinear, BROLinear, SLLLinear)) else torch.randn(3, 2, 4, 4)
+    before, bound = layer(x), layer.lipschitz_bound()
+    getattr(layer, accessor)().mul_(5.0)
+    assert torch.equal(layer(x), before) and layer.lipschitz_bound() == bound
+
+
 def test_an_sll_blocks_bound_follows_its_input_size():
     """The memoised bound is keyed on the whole state: a new ``input_hw`` is a new operator."""
     torch.manual_seed(15)
