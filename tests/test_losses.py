@@ -11,6 +11,7 @@ from gloronet.losses import (
     GloroLoss,
     emma_loss,
     gloro_cross_entropy,
+    logit_annealing_loss,
     make_loss,
     trades_kl,
     trades_loss,
@@ -463,3 +464,76 @@ def test_trades_ce_robust_term_is_the_snapshot_crossentropy():
         make_loss({"name": "trades", "robust": "js"})
     with pytest.raises(ValueError, match="only 'trades'"):
         GloroLoss("emma", robust="ce")
+
+
+# ----------------------------------------------------------------------------- logit annealing (LA)
+def _hand_la(y, lab, K, eps, gamma, offset, T):
+    """BRONet's LA loss (Lai et al., ICML 2025; bronet/models/margin_layer.py) by hand, per example:
+    EMMA-raised logits, true logit − offset, ÷ T, CE, then T·(1 − e^{−CE})^γ·CE."""
+    out = []
+    for row, t, in zip(y.tolist(), lab.tolist()):
+        z = []
+        for i, v in enumerate(row):
+            if i == t:
+                z.append((v - offset) / T)
+                continue
+            gain = eps * float(K[t, i])
+            c = min(max((row[t] - v) / max(gain, 1e-8), 0.01), 1.0)
+            z.append((v + c * gain) / T)
+        ce = _lse(z) - z[t]
+        out.append(T * (1 - math.exp(-ce)) ** gamma * ce)
+    return out
+
+
+def test_la_matches_hand_computation_and_is_emma_without_annealing():
+    g = torch.Generator().manual_seed(11)
+    y = torch.randn(7, 4, generator=g, dtype=D) * 2
+    lab = torch.randint(0, 4, (7,), generator=g)
+    K = _pairwise_K(4, g)
+    for gamma, offset, T in [(5.0, 2.0, 0.75), (2.0, 0.5, 1.3)]:
+        hand = _hand_la(y, lab, K, 0.4, gamma, offset, T)
+        got = logit_annealing_loss(y, lab, K, 0.4, gamma=gamma, offset=offset, temperature=T, reduction="none")
+        assert torch.allclose(got, torch.tensor(hand, dtype=D), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(logit_annealing_loss(y, lab, K, 0.4, gamma=0.0, offset=0.0, temperature=1.0),
+                          emma_loss(y, lab, K, 0.4), rtol=1e-12)
+    default = logit_annealing_loss(y, lab, K, 0.4)
+    assert math.isclose(default.item(), sum(_hand_la(y, lab, K, 0.4, 5.0, 2.0, 0.75)) / 7, rel_tol=1e-12)
+
+
+def test_la_gradcheck_float64():
+    # EMMA's factor is a stop-gradient: keep every ratio saturated (true logit ≥ 1 above or below
+    # all others, ε·K ≤ 0.6), where it is locally constant and finite differences must match.
+    g = torch.Generator().manual_seed(12)
+    y = torch.randn(6, 4, generator=g, dtype=D)
+    lab = torch.randint(0, 4, (6,), generator=g)
+    rows = torch.arange(6)
+    y[rows, lab] = torch.where(rows % 2 == 0, y.max(1).values + 1, y.min(1).values - 1)
+    y.requires_grad_(True)
+    K = _pairwise_K(4, g).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda y, K: logit_annealing_loss(y, lab, K, 0.3), (y, K))
+    assert torch.autograd.gradcheck(
+        lambda y, K: logit_annealing_loss(y, lab, K, 0.3, gamma=2.0, offset=1.0, temperature=0.5, reduction="none"),
+        (y, K))
+
+
+def test_make_loss_la():
+    g = torch.Generator().manual_seed(13)
+    y = torch.randn(4, 3, generator=g, dtype=D)
+    lab = torch.tensor([0, 1, 2, 1])
+    K = _pairwise_K(3, g)
+    for spec in ("la", "logit-annealing", {"name": "la"}):
+        loss = make_loss(spec)
+        assert loss.name == "la" and loss.needs == "pairwise"
+        assert torch.equal(loss(logits=y, labels=lab, K=K, epsilon=0.2), logit_annealing_loss(y, lab, K, 0.2))
+    custom = make_loss({"name": "la", "gamma": 2, "offset": 1.0, "temperature": 0.5})
+    assert "gamma=2.0" in repr(custom)
+    assert torch.equal(custom(logits=y, labels=lab, K=K, epsilon=0.2),
+                       logit_annealing_loss(y, lab, K, 0.2, gamma=2.0, offset=1.0, temperature=0.5))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['beta'\] for loss 'la'"):
+        make_loss({"name": "la", "beta": 1.0})
+    with pytest.raises(ValueError, match="only 'la' takes"):
+        GloroLoss("emma", gamma=1.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        logit_annealing_loss(y, lab, K, 0.2, temperature=0.0)
+    with pytest.raises(ValueError, match="gamma must be finite and >= 0"):
+        logit_annealing_loss(y, lab, K, 0.2, gamma=-1.0)

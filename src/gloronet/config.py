@@ -44,8 +44,8 @@ class TrainConfig:
     top_k: int | None = _key(None, "relaxed top-K (RTK) GloRo: train and certify the top-k set, k <= top_k")
     affinity: Any = _key(None, "affinity GloRo: a list of class lists, a named set (cifar100-superclasses, "
                                "fashion-mnist-groups) or a YAML/JSON file")
-    loss: Any = _key("crossentropy", "crossentropy | trades | emma | standard (non-robust twin) | "
-                                     "{name: trades, lam: 1.5}")
+    loss: Any = _key("crossentropy", "crossentropy | trades | emma | la (logit annealing) | standard (non-robust "
+                                     "twin) | {name: trades, lam: 1.5} | {name: la, gamma: 5, offset: 2, temperature: 0.75}")
     trades_lam: Any = _key(None, "schedule of the TRADES λ (overrides the loss's lam); null: the loss's own")
     # optimisation
     epochs: int = _key(10, "training epochs (--resume --epochs=N extends a run on its original schedule)")

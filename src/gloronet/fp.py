@@ -167,6 +167,38 @@ def affine_error_model(
     )
 
 
+def scale_model(scale_max: float, numel: int, dtype: torch.dtype) -> ErrorModel:
+    """``a ↦ c ⊙ a`` for a fixed vector ``c`` with ``|c| ≤ scale_max``, one multiplication per
+    element: ``fl(c_i a_i) = c_i a_i (1 + δ) + η``, ``|δ| ≤ u``, ``|η| ≤ λ`` (a flushed result)."""
+    u, lam = unit_roundoff(dtype), smallest_normal(dtype)
+    return ErrorModel(
+        lip=scale_max,
+        rel=up(u * scale_max),
+        abs=up(lam * math.sqrt(numel)),
+        peak_rel=up((1 + u) * scale_max),
+        peak_abs=lam,
+    )
+
+
+def residual_model(branch: ErrorModel, lip: float, numel: int, dtype: torch.dtype) -> ErrorModel:
+    """``a ↦ a ± g(a)`` computed as ``fl(a ± ĝ(a))``, ``branch`` the model of ``g`` and ``lip`` a
+    bound of the whole map's Lipschitz constant (not ``1 + L_g``: proven by the layer).
+
+    ``‖fl(a ± ĝ) − (a ± g)‖ ≤ ‖ĝ − g‖ + u‖a ± ĝ‖ + λ√n`` and ``‖a ± ĝ‖ ≤ ‖a‖ + offset_g +
+    (L_g + rel_g)‖a‖ + abs_g``; ``‖φ(0)‖ = ‖g(0)‖ ≤ offset_g``; the output's entries are at most
+    ``(1 + u)‖a ± ĝ‖ + λ``, and peaks add."""
+    u, lam = unit_roundoff(dtype), smallest_normal(dtype)
+    grow = branch.lip + branch.rel
+    return ErrorModel(
+        lip=lip,
+        rel=up(branch.rel + u * (1 + grow)),
+        abs=up(branch.abs + u * (branch.offset + branch.abs) + lam * math.sqrt(numel)),
+        offset=branch.offset,
+        peak_rel=up(branch.peak_rel + (1 + u) * (1 + grow)),
+        peak_abs=up(branch.peak_abs + (1 + u) * (branch.offset + branch.abs) + lam),
+    )
+
+
 def compose(models) -> ErrorModel:
     """``models[-1] ∘ … ∘ models[0]`` (the identity for an empty list)."""
     models = list(models)

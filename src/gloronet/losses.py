@@ -1,4 +1,5 @@
-"""Training losses for GloRo networks: GloRo cross-entropy, TRADES and EMMA — and ``standard``
+"""Training losses for GloRo networks: GloRo cross-entropy, TRADES, EMMA and logit annealing (LA,
+BRONet) — and ``standard``
 cross-entropy on the clean logits (no bottom logit), for the non-robust twin of a GloRo model.
 
 All losses are pure functions on tensors, differentiable, and return the mean over the batch
@@ -19,7 +20,7 @@ Inputs in float16 / bfloat16 are computed in float32 (as autocast does for cross
 float32 and float64 are kept.
 
 :func:`make_loss` turns a config value (``"crossentropy"``, ``"trades"``, ``{"name": "trades",
-"lam": 1.5}``, ``"emma"``) into a :class:`GloroLoss`, whose ``needs`` attribute tells the training
+"lam": 1.5}``, ``"emma"``, ``{"name": "la", "gamma": 5}``) into a :class:`GloroLoss`, whose ``needs`` attribute tells the training
 loop which tensors to compute.
 """
 
@@ -41,6 +42,10 @@ __all__ = [
     "trades_kl",
     "trades_loss",
     "emma_loss",
+    "logit_annealing_loss",
+    "LA_GAMMA",
+    "LA_OFFSET",
+    "LA_TEMPERATURE",
     "GloroLoss",
     "make_loss",
     "LOSS_NAMES",
@@ -54,6 +59,11 @@ __all__ = [
 EMMA_CLIP_MIN = 0.01
 EMMA_CLIP_MAX = 1.0
 EMMA_DENOM_MIN = 1e-8
+# Logit-annealing defaults, as BRONet's CIFAR-10 config (ntuaislab/BRONet,
+# bronet/configs/benchmark_reproduce/cifar10.yaml: gamma 5.0, temperature 0.75, offset 2.0).
+LA_GAMMA = 5.0
+LA_OFFSET = 2.0
+LA_TEMPERATURE = 0.75
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -299,6 +309,12 @@ def emma_loss(
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
     """
     _check_reduction(reduction)
+    raised, labels = _emma_logits(logits, labels, K, epsilon)
+    return F.cross_entropy(raised, labels, reduction=reduction)
+
+
+def _emma_logits(logits: Tensor, labels: Tensor, K: Tensor, epsilon: float | Tensor) -> tuple[Tensor, Tensor]:
+    """EMMA's raised logits ``f̃`` (see :func:`emma_loss`), checked inputs; and the checked labels."""
     _check_scores(logits, "logits", min_classes=2)
     num_classes = logits.shape[1]
     if not isinstance(K, Tensor):
@@ -322,7 +338,45 @@ def emma_loss(
         factor = (gap / gain.clamp_min(EMMA_DENOM_MIN)).clamp(EMMA_CLIP_MIN, EMMA_CLIP_MAX)
     is_true = F.one_hot(labels, num_classes).bool()
     raise_ = torch.where(is_true, torch.zeros_like(gain), factor * gain)
-    return F.cross_entropy(y + raise_, labels, reduction=reduction)
+    return y + raise_, labels
+
+
+def logit_annealing_loss(
+    logits: Tensor,
+    labels: Tensor,
+    K: Tensor,
+    epsilon: float | Tensor,
+    gamma: float = LA_GAMMA,
+    offset: float = LA_OFFSET,
+    temperature: float = LA_TEMPERATURE,
+    reduction: str = "mean",
+) -> Tensor:
+    """Logit annealing (LA) loss (Lai et al., "Enhancing Certified Robustness via Block Reflector
+    Orthogonal Layers and Logit Annealing Loss", ICML 2025), following ntuaislab/BRONet
+    ``logit_annealing_loss`` (bronet/models/margin_layer.py, ``lip_reg=True``).
+
+    On EMMA's raised logits ``f̃`` (:func:`emma_loss`: each wrong logit raised by a stop-gradient
+    fraction of ``ε·K[y, i]``), the true logit is lowered by ``offset`` and all are divided by the
+    temperature ``T``; then a focal-style annealing factor down-weights examples already won::
+
+        z    = (f̃ − offset·onehot(y)) / T
+        CE   = −log softmax(z)_y,      p_t = exp(−CE)
+        loss = T · (1 − p_t)^γ · CE
+
+    ``γ = 0``, ``offset = 0``, ``T = 1`` is exactly EMMA. Args as :func:`emma_loss`, plus
+    ``gamma ≥ 0``, ``offset`` and ``temperature > 0``.
+    """
+    _check_reduction(reduction)
+    _check_nonneg_scalar(gamma, "gamma")
+    if not (isinstance(offset, numbers.Real) and math.isfinite(float(offset))):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    raised, labels = _emma_logits(logits, labels, K, epsilon)
+    z = (raised - offset * F.one_hot(labels, raised.shape[1]).to(raised.dtype)) / temperature
+    ce = F.cross_entropy(z, labels, reduction="none")
+    loss = temperature * (-torch.expm1(-ce)).pow(gamma) * ce  # (1 − p_t)^γ, 1 − e^{−CE} = −expm1(−CE)
+    return _reduce(loss, reduction)
 
 
 # --------------------------------------------------------------------------- config factory
@@ -332,12 +386,16 @@ _CANONICAL = {
     "gloro_ce": "crossentropy",
     "trades": "trades",
     "emma": "emma",
+    "la": "la",
+    "logit_annealing": "la",
     "standard": "standard",
 }
 LOSS_NAMES = tuple(_CANONICAL)
-_NEEDS = {"crossentropy": "bottom", "trades": "bottom+clean", "emma": "pairwise", "standard": "clean"}
+_NEEDS = {"crossentropy": "bottom", "trades": "bottom+clean", "emma": "pairwise", "la": "pairwise",
+          "standard": "clean"}
+_LA_KEYS = ("gamma", "offset", "temperature")
 _ALLOWED_KEYS = {"crossentropy": ("name",), "trades": ("name", "lam", "robust"), "emma": ("name",),
-                 "standard": ("name",)}
+                 "la": ("name", *_LA_KEYS), "standard": ("name",)}
 _DEFAULT_LAM = 1.0  # gloro's Trades default
 
 
@@ -346,7 +404,7 @@ class GloroLoss:
     lam=...)``; keyword-only, arguments the loss does not need are ignored.
 
     Attributes:
-        name: canonical name, ``"crossentropy"``, ``"trades"``, ``"emma"`` or ``"standard"``.
+        name: canonical name, ``"crossentropy"``, ``"trades"``, ``"emma"``, ``"la"`` or ``"standard"``.
         needs: what the training loop must compute —
             ``"bottom"`` (bottom_logits), ``"bottom+clean"`` (logits and bottom_logits; for TRADES
             ``logits`` may be omitted and is then ``bottom_logits[:, :-1]``, as in gloro), or
@@ -357,7 +415,7 @@ class GloroLoss:
             architecture, data and loop (``gloronet privacy`` / ``overfit`` compare against it).
     """
 
-    def __init__(self, name: str, lam: float | None = None, robust: str | None = None):
+    def __init__(self, name: str, lam: float | None = None, robust: str | None = None, **la_options: float):
         if name not in _NEEDS:
             raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSS_NAMES)}")
         if name == "trades":
@@ -369,6 +427,10 @@ class GloroLoss:
                 raise ValueError(f"TRADES 'robust' must be 'kl' or 'ce', got {robust!r}")
         elif lam is not None or robust is not None:
             raise ValueError(f"loss {name!r} takes no 'lam' or 'robust'; only 'trades' does")
+        unknown = sorted(set(la_options) - set(_LA_KEYS))
+        if unknown or (la_options and name != "la"):
+            raise ValueError(f"loss {name!r} takes no {sorted(la_options)}; only 'la' takes {', '.join(_LA_KEYS)}")
+        self.la_options = {k: float(v) for k, v in la_options.items() if v is not None} if name == "la" else {}
         self.name = name
         self.needs = _NEEDS[name]
         self.lam = lam
@@ -403,12 +465,16 @@ class GloroLoss:
             return trades_loss(
                 logits, bottom_logits, labels, self.lam if lam is None else lam, reduction, self.robust
             )
+        if self.name == "la":
+            return logit_annealing_loss(need(logits, "logits"), labels, need(K, "K"), need(epsilon, "epsilon"),
+                                        reduction=reduction, **self.la_options)
         return emma_loss(
             need(logits, "logits"), labels, need(K, "K"), need(epsilon, "epsilon"), reduction
         )
 
     def __repr__(self) -> str:
         extra = f", lam={self.lam}, robust={self.robust!r}" if self.lam is not None else ""
+        extra += "".join(f", {k}={v}" for k, v in self.la_options.items())
         return f"GloroLoss(name={self.name!r}, needs={self.needs!r}{extra})"
 
 
@@ -427,7 +493,8 @@ def make_loss(spec: str | Mapping[str, Any] | GloroLoss) -> GloroLoss:
     ``spec`` is a name — ``"crossentropy"`` (alias ``"gloro_ce"``), ``"trades"``, ``"emma"``,
     ``"standard"`` (plain cross-entropy on the clean logits: the non-robust twin)
     (case-insensitive, ``-`` read as ``_``) — or a mapping ``{"name": ..., **options}``; the only
-    options are TRADES' ``lam`` (λ, default 1.0) and ``robust`` (``kl``, default, or ``ce``).
+    options are TRADES' ``lam`` (λ, default 1.0) and ``robust`` (``kl``, default, or ``ce``), and
+    logit annealing's (``"la"``, alias ``"logit_annealing"``) ``gamma``, ``offset``, ``temperature``.
     A :class:`GloroLoss` is returned unchanged.
     Unknown names or keys raise ``ValueError`` listing the allowed ones.
     """
@@ -448,7 +515,8 @@ def make_loss(spec: str | Mapping[str, Any] | GloroLoss) -> GloroLoss:
             raise ValueError(
                 f"unknown key(s) {unknown} for loss {name!r}; allowed keys: {', '.join(allowed)}"
             )
-        return GloroLoss(name, lam=spec.get("lam"), robust=spec.get("robust"))
+        la = {k: spec[k] for k in _LA_KEYS if k in spec}
+        return GloroLoss(name, lam=spec.get("lam"), robust=spec.get("robust"), **la)
     raise ValueError(
         f"loss spec must be a name ({', '.join(LOSS_NAMES)}) or a mapping with 'name', got "
         f"{type(spec).__name__}"

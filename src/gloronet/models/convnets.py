@@ -32,20 +32,23 @@ def conv_net(
     epsilon: float,
     head: str = "linear",
     power_iters: int = 1,
+    conv_cls: type = LipConv2d,
+    dense_cls: type = LipLinear,
 ) -> GloroNet:
-    """A plain GloRo conv net: ``[conv, MinMax]* Flatten [dense, MinMax]* head``."""
+    """A plain GloRo conv net: ``[conv, MinMax]* Flatten [dense, MinMax]* head``; ``conv_cls`` /
+    ``dense_cls`` swap in another layer family with the same constructor (AOL)."""
     if head not in ("linear", "lln"):
         raise ValueError(f"head must be 'linear' or 'lln', got {head!r}")
     channels, hw = in_shape[0], (in_shape[1], in_shape[2])
     layers: list[nn.Module] = []
     for out_ch, k, s in convs:
-        conv = LipConv2d(channels, out_ch, k, stride=s, padding="same", input_size=hw, power_iters=power_iters)
+        conv = conv_cls(channels, out_ch, k, stride=s, padding="same", input_size=hw, power_iters=power_iters)
         layers += [conv, MinMax()]
         channels, hw = out_ch, conv.output_hw(hw)
     layers.append(Flatten())
     features = channels * hw[0] * hw[1]
     for width in denses:
-        layers += [LipLinear(features, width, power_iters=power_iters), MinMax()]
+        layers += [dense_cls(features, width, power_iters=power_iters), MinMax()]
         features = width
     head_cls = LLNLinear if head == "lln" else LipLinear
     return GloroNet(Sequential(*layers), head_cls(features, num_classes), epsilon)

@@ -1,6 +1,8 @@
 """Lipschitz-aware layers: each knows a differentiable estimate and a provable bound."""
 from .activation import MinMax
+from .aol import AOLConv2d, AOLLinear
 from .base import LipschitzModule, UnboundedLayerError, lipschitz_bound_of, lipschitz_estimate_of
+from .bro import BROLinear
 from .conv import LipConv2d
 from .head import LLNLinear
 from .linear import LipLinear
@@ -9,8 +11,14 @@ from .orthogonal import CholeskyOrthConv2d, CholeskyOrthLinear, ChordLinear, Cho
 from .reshape import Flatten, InvertibleDownsampling
 from .residual import LiResBlock, LiResStack
 from .sequential import Sequential
+from .sll import SLLConv2d, SLLLinear
 
 __all__ = [
+    "AOLConv2d",
+    "AOLLinear",
+    "BROLinear",
+    "SLLConv2d",
+    "SLLLinear",
     "CholeskyOrthConv2d",
     "CholeskyOrthLinear",
     "ChordLinear",

@@ -9,6 +9,10 @@ not a data-dependent read of a tensor.
 
 Padding ``'same'`` follows TensorFlow (the odd pixel at the end), as in the original GloRo code.
 
+Subclasses whose kernel is *derived* from the parameters (``AOLConv2d``) override
+:meth:`derive_weight`, as ``LipLinear`` subclasses do: in eval mode the forward pass, the bound and
+the error model then all read one cached kernel (:class:`gloronet.nn.state.EvalCache`).
+
 Rounding: each output sums ``n = (C_in/groups)·k²`` products, in eval mode in chunks of input
 channels (:mod:`gloronet.nn.accumulate`), then the bias is added: every term is rounded at most
 ``d ≈ n/8`` times and ``‖ŷ − y‖ ≤ γ_d(‖|A|‖₂‖x‖ + ‖b‖)`` with ``‖|A|‖₂`` from
@@ -32,7 +36,7 @@ from ..bounds import (
     same_padding,
 )
 from . import accumulate, depthwise
-from .base import LipschitzModule
+from .base import EvalCache, LipschitzModule
 
 
 class LipConv2d(LipschitzModule):
@@ -65,8 +69,41 @@ class LipConv2d(LipschitzModule):
         self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
         self.register_buffer("power_v", torch.empty(0))
         self._hw: tuple[int, int] | None = None
+        self._eval_weight = EvalCache()
         if input_size is not None:
             self._set_input_size(tuple(int(s) for s in input_size))
+
+    # -- the kernel the forward pass convolves with ---------------------------------------------
+    def derive_weight(self) -> torch.Tensor:
+        """The (differentiable) kernel convolved with, from the parameters; here ``weight`` itself."""
+        return self.weight
+
+    def _derived(self) -> bool:
+        return type(self).derive_weight is not LipConv2d.derive_weight
+
+    def _applied_weight(self) -> torch.Tensor:
+        """The kernel the eval-mode forward convolves with, itself (cached if derived): what the
+        forward pass and the bounds read."""
+        if not self._derived():
+            return self.weight.detach()
+        return self._eval_weight.get(self, self.derive_weight)
+
+    def applied_weight(self) -> torch.Tensor:
+        """The eval-mode kernel (no gradient); a derived one is handed out as a copy."""
+        w = self._applied_weight()
+        return w.clone() if self._derived() else w
+
+    def forward_weight(self) -> torch.Tensor:
+        """Training: :meth:`derive_weight` (differentiable); eval: :meth:`applied_weight`."""
+        if self.training or not self._derived():
+            return self.derive_weight()
+        return self.applied_weight()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(): drop the cached kernel
+        cache = self.__dict__.get("_eval_weight")  # absent in layers pickled before it existed
+        if cache is not None:
+            cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -117,13 +154,15 @@ class LipConv2d(LipschitzModule):
                 f"depends on the input size) but got {hw[0]}x{hw[1]}; build a new model for this input size"
             )
         if not self.training:
-            if depthwise.needs_taps(self.in_channels, self.weight.shape, self.stride, self.groups):
-                return depthwise.conv2d_taps(x, self.weight, self.bias, self.pads(hw))  # no Winograd
-            return accumulate.conv2d(x, self.weight, self.bias, self.stride, self.pads(hw), self.groups)
+            w = self._applied_weight()
+            if depthwise.needs_taps(self.in_channels, w.shape, self.stride, self.groups):
+                return depthwise.conv2d_taps(x, w, self.bias, self.pads(hw))  # no Winograd
+            return accumulate.conv2d(x, w, self.bias, self.stride, self.pads(hw), self.groups)
+        w = self.derive_weight()
         left, right, top, bottom = self.pads(hw)
         if left == right and top == bottom:  # zero padding inside the kernel: no padded copy, bias fused
-            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), groups=self.groups)
-        out = conv2d_apply(x, self.weight, self.stride, (left, right, top, bottom), self.groups)
+            return F.conv2d(x, w, self.bias, self.stride, (top, left), groups=self.groups)
+        out = conv2d_apply(x, w, self.stride, (left, right, top, bottom), self.groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def _require_input_size(self) -> tuple[int, int]:
@@ -146,22 +185,23 @@ class LipConv2d(LipschitzModule):
         """Differentiable estimate (from below) of the operator norm at the recorded input size."""
         hw = self._require_input_size()
         n = self.power_iters if n_iter is None and self.training else (n_iter or 0)
-        return power_iteration_conv2d(self.weight, self.power_v, self.stride, self.pads(hw), self.groups, n)
+        return power_iteration_conv2d(self.forward_weight(), self.power_v, self.stride, self.pads(hw), self.groups, n)
 
     def lipschitz_bound(self) -> float:
         """Provable bound at the recorded input size (:func:`gloronet.bounds.conv2d_norm_bound`,
         computed on the weight's device); the power-iteration iterate seeds its estimates."""
         hw = self._checked_input_size()
         start = self.power_v if self.power_v.shape == (1, self.in_channels, *hw) else None
-        return conv2d_norm_bound(self.weight, hw, self.stride, self.pads(hw), self.groups, start=start)
+        return conv2d_norm_bound(self._applied_weight(), hw, self.stride, self.pads(hw), self.groups, start=start)
 
     def error_model(self, in_shape, dtype, lip: float) -> fp.ErrorModel:
         ho, wo = self.output_hw(self._checked_input_size())
-        abs_norm = abs_conv2d_norm_bound(self.weight, self.stride, self.groups)
-        n, c_in = self.weight[0].numel(), self.weight.shape[1]
+        w = self._applied_weight()
+        abs_norm = abs_conv2d_norm_bound(w, self.stride, self.groups)
+        n, c_in = w[0].numel(), w.shape[1]
         bias = self.bias is not None
         depth = accumulate.rounding_depth(n, c_in, bias) if self.groups == 1 else n + bias
-        return fp.affine_error_model(self.weight.flatten(1), self.bias, lip, dtype, ho * wo, abs_norm, depth)
+        return fp.affine_error_model(w.flatten(1), self.bias, lip, dtype, ho * wo, abs_norm, depth)
 
     def extra_repr(self) -> str:
         return (
