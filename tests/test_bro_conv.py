@@ -123,6 +123,23 @@ def test_the_bound_is_of_the_rounded_kernel():
     assert layer.lipschitz_bound() >= exact32
 
 
+def test_one_channel_3x3_map_sums_taps_where_winograd_would_run(monkeypatch):
+    """On builds that send 1-channel 3×3 convolutions to Winograd the layer sums taps itself; the
+    map is the same circular operator."""
+    torch.manual_seed(16)
+    layer = _randomised(BROConv2d(1, 2, (3, 3), init="orthogonal"), seed=17).eval()
+    x = torch.randn(4, 1, 3, 3)
+    monkeypatch.setattr(gloronet.kernels, "winograd_depthwise_build", lambda arch=None: True)
+    calls = []
+    taps = gloronet.nn.depthwise.conv2d_taps
+    monkeypatch.setattr(gloronet.nn.depthwise, "conv2d_taps", lambda *a: calls.append(1) or taps(*a))
+    expected = x.to(D64).flatten(1) @ _circular_matrix(layer.applied_kernel()).t()
+    expected += layer.bias.detach().to(D64).repeat_interleave(9)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).to(D64).flatten(1), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+
+
 def test_rounding_within_its_error_model():
     """``‖ŷ − y‖ ≤ rel·‖x‖ + abs``, ``y`` the float64 circular convolution with the same kernel."""
     torch.manual_seed(7)

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fp
+from ..kernels import no_autocast
 from ..bounds import abs_conv2d_norm_bound, circular_conv_bound
-from . import accumulate
+from . import accumulate, depthwise
 from .base import EvalCache, LipschitzModule
 from .linear import LipLinear
 
@@ -136,7 +137,7 @@ class BROConv2d(LipschitzModule):
     def spectrum(self) -> torch.Tensor:
         """Differentiable half-spectrum ``Ŵ(ω)`` (H, W//2+1, out, in), at least float32."""
         v = self.reflector if self.reflector.dtype in (torch.float32, torch.float64) else self.reflector.float()
-        with torch.autocast(device_type=v.device.type, enabled=False):
+        with no_autocast(v.device.type):
             return bro_spectrum(v, self.input_hw, self.out_channels, self.in_channels)
 
     def derive_kernel(self) -> torch.Tensor:
@@ -163,11 +164,15 @@ class BROConv2d(LipschitzModule):
                              f"input size), got shape {tuple(x.shape)}")
         if self.training:
             spec = self.spectrum()
-            xf = torch.fft.rfft2(x.to(spec.real.dtype))
-            y = torch.fft.irfft2(torch.einsum("hwoi,bihw->bohw", spec, xf), s=(h, w)).to(x.dtype)
+            with no_autocast(x.device.type):  # FFTs and the complex product at float32 at least
+                xf = torch.fft.rfft2(x.to(spec.real.dtype))
+                y = torch.fft.irfft2(torch.einsum("hwoi,bihw->bohw", spec, xf), s=(h, w)).to(x.dtype)
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
-        xp = F.pad(x, (0, w - 1, 0, h - 1), mode="circular") if h * w > 1 else x
-        return accumulate.conv2d(xp, self._applied_kernel(), self.bias, 1)
+        xp = F.pad(x, (0, w - 1, 0, h - 1), mode="circular") if h * w > 1 else x  # exact copies
+        k = self._applied_kernel()
+        if depthwise.needs_taps(self.in_channels, k.shape, 1, 1):  # 1 channel, 3×3 map: no Winograd
+            return depthwise.conv2d_taps(xp, k, self.bias, (0, 0, 0, 0))
+        return accumulate.conv2d(xp, k, self.bias, 1)
 
     # -- estimate, bound, rounding --------------------------------------------------------------
     def lipschitz(self) -> torch.Tensor:
