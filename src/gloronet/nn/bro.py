@@ -13,12 +13,14 @@ done in floating point, so the bound is :func:`gloronet.bounds.dense_norm_bound`
 actually applied (a derived weight of :class:`~gloronet.nn.linear.LipLinear`: cached in eval mode
 and read by the forward pass, the bound and the error model alike) — never "1 by construction".
 
-Convolution (``BROConv2d``, the paper's Sec. 3.2): a kernel ``V`` (n × rank × k × k) is
+Convolution (``BROConv2d``, the paper's BRO convolution; reference ``BRO`` in the same file): a kernel ``V`` (n × rank × k × k) is
 zero-padded to the layer's fixed input size ``H × W``; per frequency ``ω`` of the 2-D DFT the
 block reflector ``Ŵ(ω) = I − 2 V̂ (V̂ᴴV̂ + ε_ω I)⁻¹ V̂ᴴ`` (``ε_ω`` as above, per frequency) is applied to
 ``x̂(ω)``: a *circular* convolution on ``H × W`` whose per-frequency matrices have norm ≤ 1
-(Sedghi et al., ICLR 2019: those are its singular values). Training runs it through
-differentiable FFTs, as the reference. Eval / certification does NOT trust FFT rounding: the
+(Sedghi et al., ICLR 2019: those are its singular values). The reference zero-pads the input by
+``k // 2`` and crops the output; ours is circular on the input size itself, stride 1 (the
+reference's stride 2 is its space-to-depth; here stride-2 layers are AOL convs). Training runs it
+through differentiable FFTs, as the reference. Eval / certification does NOT trust FFT rounding: the
 operator is materialised once as a spatial circular-convolution kernel ``K = IDFT(Ŵ)``
 (out × in × H × W), computed in float64 and rounded once to the parameter dtype
 (:class:`~gloronet.nn.state.EvalCache`); the forward pass runs that kernel (circular padding,
@@ -28,7 +30,6 @@ dot-product model of it — bound, error model and forward pass describe one ope
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fp
-from ..kernels import no_autocast
 from ..bounds import abs_conv2d_norm_bound, circular_conv_bound
+from ..kernels import no_autocast
 from . import accumulate, depthwise
 from .base import EvalCache, LipschitzModule
 from .linear import LipLinear
