@@ -13,6 +13,7 @@ NOT part of ``make test``. One thread, progress written line by line (JSON) as i
 
     OMP_NUM_THREADS=1 python benchmarks/mutate_soundness.py --out benchmarks/results/mutants.jsonl --budget-min 50
     python benchmarks/mutate_soundness.py --list
+    OMP_NUM_THREADS=1 python benchmarks/mutate_soundness.py --only 77 78 --out /tmp/m.jsonl   # some mutants
 
 The survivors of the last run and why each is harmless are in BENCHMARKS.md ("Mutation testing").
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 s) and the attack tests left out
-    "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
+    "tests/test_aol_sll.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
     "tests/test_relaxed.py", "tests/test_certified_bounds.py",
 ]
 DESELECT: list[str] = []
@@ -39,6 +40,7 @@ R, FP, RA, RE, GL = "src/gloronet/rounding.py", "src/gloronet/fp.py", "src/gloro
 HD = "src/gloronet/head_distances.py"
 EIG, NONNEG, DENSE, CIRC, CEXP = (f"src/gloronet/bounds/{m}.py" for m in ("eigen", "nonneg", "dense", "circular", "conv_explicit"))
 RES = "src/gloronet/nn/residual.py"
+SLL, BRO, CONV, LIN = (f"src/gloronet/nn/{m}.py" for m in ("sll", "bro", "conv", "linear"))
 
 # (file, exact text, replacement, what it breaks)
 MUTANTS = [
@@ -156,6 +158,32 @@ MUTANTS = [
     (RES, "return round_up(exact_part + 2.0**-52 * (1.0 + float(centre)))", "return round_up(exact_part)",
      "LiResBlock: forming I + R in float64 unaccounted"),
     (RES, "rel=fp.up(g_n * a_r + g2 + (1 + g_n)", "rel=fp.up(g_n * a_r + (1 + g_n)", "LiResBlock: the skip's two roundings dropped"),
+    # ---- issue 20: AOL / SLL / BRO layers and the error models of the SLL residual
+    (SLL, "    return max(1.0, round_up(mu - 1.0))", "    return 1.0", "SLL: bound 1 whatever μ"),
+    (SLL, "    return max(1.0, round_up(mu - 1.0))", "    return round_up(mu - 1.0)", "SLL: no max with 1 (μ − 1 < 1)"),
+    (SLL, "    mu = mul_up(norm_b, norm_b)", "    mu = norm_b", "SLL: μ = ‖B‖ instead of ‖B‖²"),
+    (SLL, "    return up(g / (1.0 - g))", "    return 0.0", "SLL: forming B = √c·W in float64 unaccounted"),
+    (FP, "rel=up(u * scale_max),", "rel=0.0,", "scale_model: no product rounding"),
+    (FP, "        abs=up(lam * math.sqrt(numel)),\n        peak_rel=up((1 + u) * scale_max),",
+     "        abs=0.0,\n        peak_rel=up((1 + u) * scale_max),", "scale_model: no flush allowance"),
+    (FP, "peak_rel=up((1 + u) * scale_max),", "peak_rel=scale_max,", "scale_model: peak without 1 + u"),
+    (FP, "    grow = branch.lip + branch.rel\n", "    grow = branch.lip\n", "residual_model: the branch's rel not in its growth"),
+    (FP, "rel=up(branch.rel + u * (1 + grow)),", "rel=up(branch.rel),", "residual_model: the sum's rounding dropped"),
+    (FP, "abs=up(branch.abs + u * (branch.offset + branch.abs) + lam * math.sqrt(numel)),",
+     "abs=up(branch.abs + lam * math.sqrt(numel)),", "residual_model: u·(offset + abs) dropped"),
+    (FP, "peak_rel=up(branch.peak_rel + (1 + u) * (1 + grow)),", "peak_rel=up(branch.peak_rel + 1 + grow),",
+     "residual_model: peak without 1 + u"),
+    (FP, "peak_abs=up(branch.peak_abs + (1 + u) * (branch.offset + branch.abs) + lam),",
+     "peak_abs=up(branch.peak_abs + (1 + u) * branch.abs + lam),", "residual_model: peak without the offset"),
+    (CONV, "return conv2d_norm_bound(self._applied_weight(), hw,", "return conv2d_norm_bound(self.weight.detach(), hw,",
+     "conv bound of the raw weight (AOL's derived kernel bypassed)"),
+    (LIN, "        return dense_norm_bound(self._applied_weight())",
+     "        return dense_norm_bound(getattr(self, 'weight', self._applied_weight()).detach())",
+     "dense bound of the raw weight (AOL's derived weight bypassed)"),
+    (BRO, "lambda: circular_conv_bound(k, self.input_hw))",
+     "lambda: circular_conv_bound(spatial_kernel(bro_spectrum(self.reflector.detach().double(), self.input_hw, "
+     "self.out_channels, self.in_channels), self.input_hw), self.input_hw))", "BRO conv: bound of the unrounded float64 kernel"),
+    (BRO, "lambda: circular_conv_bound(k, self.input_hw))", "lambda: 1.0)", "BRO conv: bound 1 by construction"),
 ]
 
 

@@ -216,6 +216,24 @@ def test_sll_bound_covers_every_activation_pattern(make):
 
 
 # ------------------------------------------------------------------ (b) forward = the papers' equations
+def test_sll_bound_formulas_in_exact_arithmetic():
+    """``_lip_from_mu(‖B‖) ≥ max(1, ‖B‖² − 1)`` (and within 1e-12 of it), and the allowance for
+    forming ``B̃ = fl(fl(√c)·W)`` in float64 covers two roundings: ``B̃ = B(1 + θ₂)``,
+    ``|B − B̃| = |θ₂|/|1 + θ₂|·|B̃| ≤ γ₂/(1 − γ₂)·|B̃|``, ``γ₂ = 2u/(1 − 2u)``, ``u = 2⁻⁵³`` — checked
+    with Fractions (the factor moves the bound by ~1e-16, below what an SVD oracle can see)."""
+    from fractions import Fraction
+
+    from gloronet.nn.sll import _lip_from_mu, _rounding_factor
+
+    for nb in (0.5, 1.0, 1.2, 2**0.5, 1.5, 1.7, 3.0):
+        exact = max(Fraction(1), Fraction(nb) ** 2 - 1)
+        got = _lip_from_mu(nb)
+        assert exact <= Fraction(got) <= exact * (1 + Fraction(1, 10**12)), nb
+    u = Fraction(1, 2**53)
+    g2 = 2 * u / (1 - 2 * u)
+    assert g2 / (1 - g2) <= Fraction(_rounding_factor()) <= 2 * g2
+
+
 def test_aol_dense_forward_matches_theorem_1():
     torch.manual_seed(3)
     layer = AOLLinear(9, 7)

@@ -2,7 +2,7 @@
 from .activation import MinMax
 from .aol import AOLConv2d, AOLLinear
 from .base import LipschitzModule, UnboundedLayerError, lipschitz_bound_of, lipschitz_estimate_of
-from .bro import BROLinear
+from .bro import BROConv2d, BROLinear
 from .conv import LipConv2d
 from .head import LLNLinear
 from .linear import LipLinear
@@ -16,6 +16,7 @@ from .sll import SLLConv2d, SLLLinear
 __all__ = [
     "AOLConv2d",
     "AOLLinear",
+    "BROConv2d",
     "BROLinear",
     "SLLConv2d",
     "SLLLinear",
