@@ -37,9 +37,10 @@ from ..bounds import (
 )
 from . import accumulate, depthwise
 from .base import EvalCache, LipschitzModule
+from .derived import DerivedWeight
 
 
-class LipConv2d(LipschitzModule):
+class LipConv2d(DerivedWeight, LipschitzModule):
     iterate_buffers = ("power_v",)
 
     def __init__(
@@ -72,38 +73,6 @@ class LipConv2d(LipschitzModule):
         self._eval_weight = EvalCache()
         if input_size is not None:
             self._set_input_size(tuple(int(s) for s in input_size))
-
-    # -- the kernel the forward pass convolves with ---------------------------------------------
-    def derive_weight(self) -> torch.Tensor:
-        """The (differentiable) kernel convolved with, from the parameters; here ``weight`` itself."""
-        return self.weight
-
-    def _derived(self) -> bool:
-        return type(self).derive_weight is not LipConv2d.derive_weight
-
-    def _applied_weight(self) -> torch.Tensor:
-        """The kernel the eval-mode forward convolves with, itself (cached if derived): what the
-        forward pass and the bounds read."""
-        if not self._derived():
-            return self.weight.detach()
-        return self._eval_weight.get(self, self.derive_weight)
-
-    def applied_weight(self) -> torch.Tensor:
-        """The eval-mode kernel (no gradient); a derived one is handed out as a copy."""
-        w = self._applied_weight()
-        return w.clone() if self._derived() else w
-
-    def forward_weight(self) -> torch.Tensor:
-        """Training: :meth:`derive_weight` (differentiable); eval: :meth:`applied_weight`."""
-        if self.training or not self._derived():
-            return self.derive_weight()
-        return self.applied_weight()
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .double(): drop the cached kernel
-        cache = self.__dict__.get("_eval_weight")  # absent in layers pickled before it existed
-        if cache is not None:
-            cache.clear()
-        return super()._apply(fn, *args, **kwargs)
 
     # -- geometry ---------------------------------------------------------------------------
     @property

@@ -20,9 +20,10 @@ from .. import fp
 from ..bounds import dense_norm_bound, power_iteration_dense
 from . import accumulate
 from .base import EvalCache, LipschitzModule
+from .derived import DerivedWeight
 
 
-class LipLinear(LipschitzModule):
+class LipLinear(DerivedWeight, LipschitzModule):
     iterate_buffers = ("power_u",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, power_iters: int = 1):
@@ -36,40 +37,7 @@ class LipLinear(LipschitzModule):
         self.register_buffer("power_u", u / u.norm())
         self._eval_weight = EvalCache()
 
-    # -- the weight the forward pass multiplies by ----------------------------------------------
-    def derive_weight(self) -> torch.Tensor:
-        """The (differentiable) matrix multiplied by, from the parameters; here ``W`` itself."""
-        return self.weight
-
-    def _derived(self) -> bool:
-        return type(self).derive_weight is not LipLinear.derive_weight
-
-    def _applied_weight(self) -> torch.Tensor:
-        """The matrix the eval-mode forward multiplies by, itself (cached if derived): what the
-        forward pass and the bounds read."""
-        if not self._derived():
-            return self.weight.detach()
-        return self._eval_weight.get(self, self.derive_weight)
-
-    def applied_weight(self) -> torch.Tensor:
-        """The matrix the eval-mode forward multiplies by (no gradient). A derived weight is handed
-        out as a copy, so editing it cannot change the map behind its bound; ``W`` itself is the
-        parameter (an edit of it is an edit of the parameter, which the bound cache sees)."""
-        w = self._applied_weight()
-        return w.clone() if self._derived() else w
-
-    def forward_weight(self) -> torch.Tensor:
-        """Training: :meth:`derive_weight` (differentiable); eval: :meth:`applied_weight` (a copy
-        if derived)."""
-        if self.training or not self._derived():
-            return self.derive_weight()
-        return self.applied_weight()
-
-    head_weight = forward_weight  # what GloroNet's training estimate of K reads
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .double(): drop the cached weight
-        self._eval_weight.clear()
-        return super()._apply(fn, *args, **kwargs)
+    head_weight = DerivedWeight.forward_weight  # what GloroNet's training estimate of K reads
 
     # -- forward, estimate, bound, rounding --------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
