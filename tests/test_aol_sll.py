@@ -386,10 +386,10 @@ def _family_net(seed: int) -> gloronet.GloroNet:
     return net.eval()
 
 
-def test_certified_points_survive_the_rounding_search(monkeypatch):
-    """No certified ``x'`` inside a float radius flips; with the SLL bounds understated 100x (a
-    mutant), the same attack does find flips — so it can see a wrong bound."""
-    net = _family_net(9)
+def attack_briefly_trained(net, understate) -> None:
+    """Train ``net`` (2×6×6 inputs, 3 classes) briefly on a learnable rule, certify, and attack the
+    certified points with the rounding search: no flip inside a float radius. Then ``understate()``
+    (a mutant: bounds 100x too small) must let the same attack find flips, so it can see a wrong bound."""
     gen = torch.Generator().manual_seed(10)
     data = torch.randn(256, 2, 6, 6, generator=gen)
     labels = (data.flatten(1) @ torch.randn(72, 3, generator=gen)).argmax(1)  # a learnable rule
@@ -400,13 +400,21 @@ def test_certified_points_survive_the_rounding_search(monkeypatch):
     assert res.points > 0 and res.candidates > 0, "vacuous: no certified point was attacked"
     assert not res.flips, res.describe()
 
-    monkeypatch.setattr(SLLConv2d, "_bound", lambda self: 0.01)
-    monkeypatch.setattr(SLLLinear, "_bound", lambda self: 0.01)
+    understate()
     mutant = _uncached(net)
     bad = mutant.certify(x)
     assert float(bad.radius.max()) > 100 * float(cert.radius.max())
     res_bad = _attack(mutant, x, bad, seed=1, ulp_moves=10, singles=1, max_points=4)
     assert res_bad.flips, "the attack cannot see a 100x understated bound"
+
+
+def test_certified_points_survive_the_rounding_search(monkeypatch):
+    """No certified point of a net of all three families flips; SLL bounds understated 100x do."""
+    def understate():
+        monkeypatch.setattr(SLLConv2d, "_bound", lambda self: 0.01)
+        monkeypatch.setattr(SLLLinear, "_bound", lambda self: 0.01)
+
+    attack_briefly_trained(_family_net(9), understate)
 
 
 def test_float64_models_recompute_their_weights_and_certify():

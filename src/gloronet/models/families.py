@@ -42,6 +42,13 @@ BRO_NETS: dict[str, tuple[int, list[tuple[int, int]], int, int]] = {
 }
 
 
+def _head_class(head: str) -> type:
+    """The head layer class of ``head``: 'linear' (LipLinear) or 'lln' (LLNLinear)."""
+    if head not in ("linear", "lln"):
+        raise ValueError(f"head must be 'linear' or 'lln', got {head!r}")
+    return LLNLinear if head == "lln" else LipLinear
+
+
 def sll_net(
     stages: Sequence[tuple[int, int]],
     dense_width: int,
@@ -53,8 +60,7 @@ def sll_net(
     power_iters: int = 1,
 ) -> GloroNet:
     """An SLL network (see the module docstring); ``power_iters`` for the AOL layers' estimates."""
-    if head not in ("linear", "lln"):
-        raise ValueError(f"head must be 'linear' or 'lln', got {head!r}")
+    head_cls = _head_class(head)
     channels, hw = in_shape[0], (in_shape[1], in_shape[2])
     layers: list[nn.Module] = []
     for i, (width, blocks) in enumerate(stages):
@@ -66,7 +72,6 @@ def sll_net(
     hw = down.output_hw(hw)
     layers += [down, Flatten(), AOLLinear(channels * hw[0] * hw[1], dense_width, power_iters=power_iters)]
     layers += [SLLLinear(dense_width) for _ in range(dense_blocks)]
-    head_cls = LLNLinear if head == "lln" else LipLinear
     return GloroNet(Sequential(*layers), head_cls(dense_width, num_classes), epsilon)
 
 
@@ -82,8 +87,7 @@ def bro_net(
     power_iters: int = 1,
 ) -> GloroNet:
     """A BRO network (see the module docstring); ``power_iters`` for the AOL layers' estimates."""
-    if head not in ("linear", "lln"):
-        raise ValueError(f"head must be 'linear' or 'lln', got {head!r}")
+    head_cls = _head_class(head)
     hw = (in_shape[1], in_shape[2])
     layers: list[nn.Module] = [AOLConv2d(in_shape[0], stem, 3, input_size=hw, power_iters=power_iters), MinMax()]
     channels = stem
@@ -96,7 +100,6 @@ def bro_net(
     layers += [Flatten(), AOLLinear(channels * hw[0] * hw[1], dense_width, power_iters=power_iters), MinMax()]
     for _ in range(dense_blocks):
         layers += [BROLinear(dense_width, dense_width), MinMax()]
-    head_cls = LLNLinear if head == "lln" else LipLinear
     return GloroNet(Sequential(*layers), head_cls(dense_width, num_classes), epsilon)
 
 
