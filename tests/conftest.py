@@ -118,3 +118,19 @@ def one_line_error(capsys, *words: str) -> str:
     for w in words:
         assert w in err, err
     return err
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as module ``name`` (once per session: a second load
+    returns the first, so scripts importing each other share one module)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module

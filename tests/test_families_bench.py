@@ -4,19 +4,14 @@ resumption (a rerun skips what families.json already holds)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from fake_datasets import write_fake
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
-spec = importlib.util.spec_from_file_location("families_bench", BENCH)
-families = sys.modules.setdefault("families_bench", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(families)
+families = load_benchmark("families")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

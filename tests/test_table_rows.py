@@ -5,20 +5,15 @@ test split and the result table — with tiny limits on synthetic data in the da
 format, so the commands in the README's table cannot rot. The real runs need the data and a GPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from fake_datasets import write_fake
 from gloronet.config import build_config
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "table_rows.py"
-spec = importlib.util.spec_from_file_location("table_rows", BENCH)
-table_rows = sys.modules.setdefault("table_rows", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(table_rows)
+table_rows = load_benchmark("table_rows")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
