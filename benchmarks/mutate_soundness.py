@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 s) and the attack tests left out
     "tests/test_aol_sll.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
-    "tests/test_relaxed.py", "tests/test_certified_bounds.py",
+    "tests/test_relaxed.py", "tests/test_certified_bounds.py", "tests/test_fused_pass.py",
 ]
 DESELECT: list[str] = []
 
@@ -40,7 +40,7 @@ R, FP, RA, RE, GL = "src/gloronet/rounding.py", "src/gloronet/fp.py", "src/gloro
 HD = "src/gloronet/head_distances.py"
 EIG, NONNEG, DENSE, CIRC, CEXP = (f"src/gloronet/bounds/{m}.py" for m in ("eigen", "nonneg", "dense", "circular", "conv_explicit"))
 RES = "src/gloronet/nn/residual.py"
-SLL, BRO, CONV, LIN = (f"src/gloronet/nn/{m}.py" for m in ("sll", "bro", "conv", "linear"))
+SLL, BRO, CONV, LIN, ACC = (f"src/gloronet/nn/{m}.py" for m in ("sll", "bro", "conv", "linear", "accumulate"))
 
 # (file, exact text, replacement, what it breaks)
 MUTANTS = [
@@ -184,6 +184,18 @@ MUTANTS = [
      "lambda: circular_conv_bound(spatial_kernel(bro_spectrum(self.reflector.detach().double(), self.input_hw, "
      "self.out_channels, self.in_channels), self.input_hw), self.input_hw))", "BRO conv: bound of the unrounded float64 kernel"),
     (BRO, "lambda: circular_conv_bound(k, self.input_hw))", "lambda: 1.0)", "BRO conv: bound 1 by construction"),
+    # ---- issue 18: the fused eval pass and its guard
+    (GL, "                                           fused_centre=fused)", "                                           fused_centre=False)",
+     "fused centre analysed with the chunked models"),
+    (RA, "    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta))",
+     "    return torch.zeros_like(pred, dtype=torch.bool)", "guard: the fused prediction always trusted"),
+    (RA, "    err = _up((hd.fused_gamma + hd.gamma) * reach + 2 * (1 + hd.fused_gamma) * lam)",
+     "    err = _up(hd.gamma * reach + 2 * lam)", "guard: the fused head's rounding dropped"),
+    (RA, "    need = _up(D.to(dev)[pred] * delta[:, None] + err.gather(1, idx) + err)",
+     "    need = _up(err.gather(1, idx) + err)", "guard: the two bodies' gap dropped"),
+    (ACC, "    m = chunk_count(n_terms, splittable)\n    per_slice",
+     "    m = max(1, min(MAX_CHUNKS, splittable, math.ceil(n_terms / MIN_CHUNK)))\n    per_slice",
+     "fused(): the chunked depth reported for fused kernels"),
 ]
 
 

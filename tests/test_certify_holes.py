@@ -286,18 +286,24 @@ def test_in_place_relu_does_not_mutate_the_input():
 
 @pytest.mark.parametrize("arithmetic", ["float", "exact"])
 def test_certified_is_exactly_radius_above_epsilon(arithmetic):
-    """For ε equal to computed radii (and their neighbours) certified == radius > ε, and the
-    dataset-level VRA equals the mean of correct & certified at that ε."""
+    """For ε equal to computed radii (and their neighbours) certified == radius > ε, the
+    prediction does not depend on ε, and the dataset-level VRA equals the mean of correct &
+    certified at that ε."""
     net = _mlp(seed=3)
     x = torch.randn(64, 6, generator=_gen(3))
     base = net.certify(x, arithmetic=arithmetic)
+    slow = net.certify(x, arithmetic=arithmetic, fast=False)
+    assert torch.equal(slow.pred, base.pred)
     labels = base.pred.clone()
     labels[::3] = (labels[::3] + 1) % 3
     for r in base.radius[base.radius > 0][:10].tolist():
         for eps in (r, math.nextafter(r, 0.0), math.nextafter(r, math.inf)):
             cert = net.certify(x, epsilon=eps, arithmetic=arithmetic)
             assert torch.equal(cert.certified, cert.radius > eps)
-            assert torch.equal(cert.radius, base.radius)
+            assert torch.equal(net.certify(x, epsilon=eps, arithmetic=arithmetic, fast=False).radius, slow.radius)
+            assert torch.equal(cert.pred, base.pred)
+            # radii near ε may be proven larger (certify rechecks those with the certified program)
+            assert torch.allclose(cert.radius, base.radius, rtol=1e-2, atol=0)
             net.epsilon = eps
             rep = certify_dataset(net, x.view(64, 1, 1, 6), labels, arithmetic=arithmetic)
             counted = rep["_correct"] & (rep["_radius"] > eps)  # how the dataset VRA counts

@@ -80,7 +80,7 @@ def test_top_1_is_ordinary_gloro(arithmetic):
     torch.manual_seed(0)
     net = gloronet.models.create("2c2f", (1, 28, 28), 10, 0.05)
     x = torch.rand(16, 1, 28, 28, generator=_gen(2))
-    plain = net.certify(x, arithmetic=arithmetic)
+    plain = net.certify(x, arithmetic=arithmetic, fast=False)  # relaxed certificates use the certified program's pass
     top1 = net.certify(x, top_k=1, arithmetic=arithmetic)
     assert torch.equal(top1.radii[:, 0], plain.radius) and torch.equal(top1.classes[:, 0], plain.pred)
     assert torch.equal(top1.k, plain.certified.long())

@@ -245,6 +245,31 @@ def test_divergence_stops_before_saving(tmp_path, data_dir, capsys, monkeypatch)
     assert not (out / "model.safetensors").exists() and not (out / "state.pt").exists()
 
 
+def test_collapse_stops_before_saving_and_keeps_the_last_checkpoint(tmp_path, data_dir, capsys, monkeypatch):  # noqa: F811
+    """Epoch 1 learns (perfect logits), epoch 2 collapses (every prediction wrong): the run stops
+    with one line, state.pt still holds epoch 1; with collapse_guard: false it carries on."""
+    import gloronet.train as train_mod
+
+    real, calls = train_mod.train_step, [0]
+
+    def step(*args, **kwargs):
+        loss, logits, bottom = real(*args, **kwargs)
+        calls[0] += 1
+        y = args[4]
+        fake = torch.nn.functional.one_hot(y if calls[0] <= 32 else (y + 1) % logits.shape[1], logits.shape[1]).float()
+        return loss, fake, bottom
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), f"--data_dir={data_dir}", "--epochs=3", *TINY, "--train_limit=2048"]
+    assert cli.main(args) == 2  # 2048 images / 64 per batch: 32 steps an epoch, the last tenth (3 steps, 192 images) judged
+    _one_line_error(capsys, "training collapsed in epoch 2", "chance 10.0%", "after 100.0%", "collapse_guard: false")
+    assert train_mod.load_state(out)["epoch"] == 1
+    calls[0] = 0
+    args[2] = str(tmp_path / "off")
+    assert cli.main([*args, "--collapse_guard=false"]) == 0
+
+
 def test_a_run_that_fails_to_start_leaves_no_run_behind(tmp_path, data_dir, capsys):  # noqa: F811
     out = tmp_path / "run"
     assert cli.main(_train_args(out, data_dir, "--model_args={head: bogus}")) == 2

@@ -59,6 +59,7 @@ def certify_dataset(
     K = net.lipschitz_constant()
     bound_seconds = time.perf_counter() - start
     relax = make_relaxation(net.num_classes, top_k, affinity)
+    eps_all = sorted({float(net.epsilon), *map(float, epsilons)})
     radii, correct, sets = [], [], []
     batches = range(0, len(images), batch_size)
     for i in tqdm(batches, desc="certify", disable=not progress, leave=False):
@@ -67,7 +68,7 @@ def certify_dataset(
             x = x.float().div_(255)
         y = labels[i : i + batch_size].cpu()
         if relax is None:
-            cert = net.certify(x, arithmetic=arithmetic)
+            cert = net.certify(x, arithmetic=arithmetic, recheck_at=eps_all)  # every reported ε as sharp as without `fast`
             radius, pred = cert.radius.cpu(), cert.pred.cpu()
         else:
             cert = net.certify(x, arithmetic=arithmetic, top_k=relax.top_k, affinity=relax.groups)
@@ -76,7 +77,6 @@ def certify_dataset(
         radii.append(radius)
         correct.append(pred == y)
     radius, correct = torch.cat(radii), torch.cat(correct)
-    eps_all = sorted({float(net.epsilon), *map(float, epsilons)})
     vra = {e: float((correct & (radius > e)).double().mean()) for e in eps_all}
     r_ok = radius[correct]
     finite = r_ok[torch.isfinite(r_ok)]

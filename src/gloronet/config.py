@@ -67,6 +67,9 @@ class TrainConfig:
     schedule_epochs: int | None = _key(None, "length of the lr / ε / λ schedules; null: epochs (set by --resume "
                                              "with a larger --epochs, so an extension keeps the original schedule)")
     tensorboard: bool = _key(False, "also log each epoch to <run>/tensorboard (extra `tensorboard`)")
+    collapse_guard: bool = _key(True, "stop, keeping the last checkpoint, when the accuracy of an epoch's last "
+                                      "tenth of batches falls to chance (<= 1.5/classes) after an earlier epoch "
+                                      "reached 3/classes")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +127,7 @@ _TYPES = {
     "epochs": "int", "batch_size": "int", "optimizer": "str", "weight_decay": "float",
     "grad_clip": "float?", "amp": "str", "seed": "int", "device": "str", "eval_every": "int",
     "train_vra_subset": "int", "checkpoint_every": "int", "certify_epsilons": "list", "schedule_epochs": "int?",
-    "tensorboard": "bool",
+    "tensorboard": "bool", "collapse_guard": "bool",
 }
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "dict": "a mapping like {key: value}", "list": "a list like [0.1, 0.5]"}

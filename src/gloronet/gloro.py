@@ -9,9 +9,17 @@ Leino, Wang & Fredrikson, "Globally-Robust Neural Networks", ICML 2021. For the 
 ``certify`` goes further by default: the margins must also clear a bound on the rounding error of
 the forward pass at ``x`` and anywhere in the ball (:mod:`gloronet.fp`, :mod:`gloronet.radius`),
 so the certificate holds for the floating-point program this module runs in eval mode.
+
+The certified program sums each dense / conv output in a few chunks (:mod:`gloronet.nn.accumulate`:
+a smaller rounding error, but slower kernels). The eval forward and ``certify`` run the fused
+kernels instead — as fast as a plain network — and use the chunked program only where the fused
+pass cannot prove it the same answer (:func:`gloronet.radius.fused_may_differ`; for ``certify``
+also where the fused pass's larger centre error is what keeps a point from certifying): the
+predictions are always the certified program's.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +31,7 @@ from . import fp, kernels, relaxed
 from . import radius as radius_mod
 from .bounds import mul_up
 from .head_distances import pairwise_row_distances_bound
+from .nn import accumulate
 from .nn.base import (
     UnboundedLayerError,
     body_steps,
@@ -133,6 +142,7 @@ class _Bounds:
 
 
 ARITHMETIC = ("float", "exact")
+RECHECK_BELOW = 1e-3  # certify rechecks rows with fused radius ≤ ε < exact-arithmetic radius / (1 − this)
 
 
 class GloroNet(nn.Module):
@@ -164,13 +174,48 @@ class GloroNet(nn.Module):
         return head_weight(self.head).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits. In eval mode this is exactly the program certificates describe: IEEE float32 /
-        float64 kernels that sum products (:func:`gloronet.kernels.sound_kernels`), no autocast —
-        whatever the global settings. Training mode runs with the caller's settings."""
+        """Logits. In eval mode the prediction is exactly that of the program certificates describe:
+        IEEE float32 / float64 kernels that sum products (:func:`gloronet.kernels.sound_kernels`),
+        no autocast — whatever the global settings — with chunked sums (:mod:`gloronet.nn.accumulate`).
+
+        It runs the fused kernels and returns their logits where
+        :func:`gloronet.radius.fused_may_differ` proves that the chunked program predicts the same
+        class strictly; the other rows are computed again by the chunked program (whose logits
+        they then hold). The first eval call computes the model's bounds (as ``certify`` does, and
+        cached with them); a model that cannot be certified (a layer without a bound) runs the
+        chunked program throughout. Training mode runs with the caller's settings."""
         if self.training or is_compiling():  # a compiler traces the ops; the runtime sets kernels
             return self.head(self.body(x))
         with kernels.sound_kernels(), kernels.no_autocast(x.device.type):
-            return self.head(self.body(x))
+            bounds = self._fast_bounds(x.device)
+            if bounds is None:
+                return self.head(self.body(x))
+            h, shapes = x, []
+            with accumulate.fused():
+                for step in bounds.steps:
+                    shapes.append(tuple(h.shape[1:]))
+                    h = step(h)
+                logits = self.head(h)
+            with torch.no_grad():
+                try:
+                    profile = self._profile(bounds, tuple(shapes))
+                except UnboundedLayerError:  # a layer without an error model: the chunked program only
+                    return self.head(self.body(x))
+                unsure = radius_mod.fused_may_differ(profile, bounds.D, fp.norm_upper(x), h, logits)
+            if bool(unsure.any()):
+                rows = unsure.nonzero()[:, 0]
+                logits = logits.index_put((rows,), self.head(self.body(x[rows])))
+            return logits
+
+    def _fast_bounds(self, device: torch.device) -> _Bounds | None:
+        """The bounds the fused eval forward needs; None where the model cannot be certified here
+        (a layer without a bound, mixed dtypes, an environment certification refuses)."""
+        if kernels.environment_problem(device.type):
+            return None
+        try:
+            return self._sound_bounds()
+        except (UnboundedLayerError, ValueError):
+            return None
 
     # -- training: differentiable estimates ------------------------------------------------------
     def pairwise_lipschitz(self) -> torch.Tensor:
@@ -233,8 +278,13 @@ class GloroNet(nn.Module):
     def _profile(self, bounds: _Bounds, shapes: tuple) -> radius_mod.Profile:
         """The rounding analysis of the body and head for inputs of these per-step shapes."""
         if shapes not in bounds.profiles:
-            models = [error_model_of(m, shape, bounds.dtype, lip) for m, shape, lip in zip(bounds.steps, shapes, bounds.lips)]
-            bounds.profiles[shapes] = radius_mod.make_profile(models, bounds.head, bounds.dtype)
+            def models():
+                return [error_model_of(m, shape, bounds.dtype, lip) for m, shape, lip in zip(bounds.steps, shapes, bounds.lips)]
+
+            chunked = models()
+            with accumulate.fused():  # the same layers' models for one fused kernel call per sum
+                fused = models()
+            bounds.profiles[shapes] = radius_mod.make_profile(chunked, bounds.head, bounds.dtype, fused)
         return bounds.profiles[shapes]
 
     def lipschitz_bound(self) -> float:
@@ -247,7 +297,7 @@ class GloroNet(nn.Module):
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor, epsilon: float | None = None, arithmetic: str = "float",
-                top_k: int | None = None, affinity=None):
+                top_k: int | None = None, affinity=None, fast: bool = True, recheck_at=None):
         """Certify each example of ``x`` at radius ε using only provable bounds.
 
         ``arithmetic="float"`` (default): the certificate holds for this network's own
@@ -262,6 +312,15 @@ class GloroNet(nn.Module):
         :class:`gloronet.relaxed.RelaxedCertificate` (``.k``, ``.classes``, ``.group``) with the
         same soundness; ``top_k=1`` is ordinary GloRo.
 
+        ``fast`` (default): the centre pass runs the fused kernels, as fast as a plain network, and
+        the certified (chunked) program measures again the rows whose prediction it cannot vouch
+        for and, with ``arithmetic="float"``, those whose radius falls short of some ε in
+        ``recheck_at`` (default ``[epsilon]``) while their exact-arithmetic radius reaches it. The
+        fused centre errs more than the chunked one, so radii away from those ε are slightly smaller
+        (all sound, and ``certified`` at ε is as with ``fast=False``, up to rounding-level
+        differences between the two centres). ``fast=False``: the certified program throughout
+        (relaxed certificates always use it).
+
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
         Ties and non-finite inputs, logits or bounds never certify; ``certified`` is exactly
         ``radius > ε``. Inputs outside :attr:`input_range` (when known) raise a warning;
@@ -275,18 +334,41 @@ class GloroNet(nn.Module):
         if arithmetic not in ARITHMETIC:
             raise ValueError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
         relax = relaxed.make_relaxation(self.num_classes, top_k, affinity)
-        logits, margins, adjust = self._margin_pass(x, arithmetic)
         if relax is not None:
+            logits, margins, adjust, _ = self._margin_pass(x, arithmetic, fused=False)
             return relaxed.certify_relaxed(margins, logits, relax, eps, arithmetic, adjust)
-        pred = logits.detach().argmax(dim=1)
+        logits, margins, adjust, unsure = self._margin_pass(x, arithmetic, fused=fast)
+        logits = logits.detach().to(torch.float64)
+        pred = logits.argmax(dim=1)
         radius = adjust(radius_mod.certified_radii(margins, pred))
-        return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits.to(torch.float64),
+        if unsure is None:
+            return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits, epsilon=eps,
+                               arithmetic=arithmetic)
+        recheck = unsure.to(radius.device)
+        if arithmetic == "float":  # where the fused centre's larger error may be what stands between the point and ε
+            exact = adjust(radius_mod.certified_radii(radius_mod.margin_bounds(logits, margins.K, None, None), pred))
+            for e in [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]:
+                recheck |= (radius <= e) & (exact > e * (1 - RECHECK_BELOW))
+        if bool(recheck.any()):
+            rows = recheck.nonzero()[:, 0]
+            again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False)
+            pred2 = again.detach().argmax(dim=1).to(pred.device)
+            radius2 = adjust2(radius_mod.certified_radii(margins2, pred2)).to(radius.device)
+            radius[rows] = torch.where(pred2 == pred[rows], torch.maximum(radius2, radius[rows]), radius2)
+            pred[rows] = pred2
+            logits[rows] = again.detach().to(logits)
+        return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits,
                            epsilon=eps, arithmetic=arithmetic)
 
-    def _margin_pass(self, x: torch.Tensor, arithmetic: str):
-        """The certifying forward pass: ``(logits, MarginBounds, adjust)``, where ``adjust`` maps
-        radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus the
-        cast to the model's dtype; 0 for non-finite inputs, logits or bounds)."""
+    def _margin_pass(self, x: torch.Tensor, arithmetic: str, fused: bool = False):
+        """The certifying forward pass: ``(logits, MarginBounds, adjust, unsure)``, where ``adjust``
+        maps radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus
+        the cast to the model's dtype; 0 for non-finite inputs, logits or bounds).
+
+        ``fused``: the pass runs fused kernels (its centre error from their models) and ``unsure``
+        (B,) flags the rows where the certified program's prediction may differ from the pass's
+        (:func:`gloronet.radius.fused_may_differ`); otherwise the pass is the certified program
+        itself and ``unsure`` is None."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
             todo = (": convert uint8 pixels with x.float() / 255 (gloronet.certify.certify_dataset takes uint8 as is)"
@@ -301,12 +383,13 @@ class GloroNet(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            with kernels.sound_kernels(), kernels.no_autocast(device.type):
+            with kernels.sound_kernels(), kernels.no_autocast(device.type), (
+                    accumulate.fused() if fused else contextlib.nullcontext()):
                 h, measured = xc, True
                 for step in bounds.steps:
+                    shapes.append(tuple(h.shape[1:]))
                     if sound_fp:  # ‖input‖ of every step (re-used after steps that never lengthen)
                         norms.append(fp.norm_upper(h) if measured else norms[-1])
-                        shapes.append(tuple(h.shape[1:]))
                         measured = not never_increases_norm(step)
                     h = step(h)
                 if sound_fp:
@@ -317,10 +400,20 @@ class GloroNet(nn.Module):
                 m.training = mode
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(f"certification needs logits of shape (B, C>=2), got {tuple(logits.shape)}")
-        profile = self._profile(bounds, tuple(shapes)) if sound_fp else None
-        margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile, norms, h)
+        profile = None
+        if sound_fp or fused:
+            try:
+                profile = self._profile(bounds, tuple(shapes))
+            except UnboundedLayerError:
+                if sound_fp:
+                    raise
+                return self._margin_pass(x, arithmetic, fused=False)  # exact arithmetic needs no error model
+        margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile if sound_fp else None, norms, h,
+                                           fused_centre=fused)
+        x_norm = norms[0] if sound_fp else fp.norm_upper(xc)
+        unsure = radius_mod.fused_may_differ(profile, bounds.D, x_norm, h, logits) if fused else None
         # a finite norm bound means every coordinate of the input is finite
-        finite_x = torch.isfinite(norms[0]) if sound_fp else torch.isfinite(xc.flatten(1)).all(dim=1)
+        finite_x = torch.isfinite(x_norm)
         finite = torch.isfinite(logits).all(dim=1) & finite_x.to(logits.device) & bool(torch.isfinite(bounds.K).all())
         shift = _cast_shift(x, xc)
 
@@ -332,7 +425,7 @@ class GloroNet(nn.Module):
                 radius = radius.clamp_min(0.0)
             return torch.where(ok, radius, torch.zeros_like(radius))
 
-        return logits, margins, adjust
+        return logits, margins, adjust, unsure
 
     def out_of_range(self, x: torch.Tensor) -> str | None:
         """Why ``x`` lies outside :attr:`input_range` (e.g. pixels in 0..255 for a model trained on

@@ -1,12 +1,16 @@
 """Certified radii that hold for the floating-point program, with directed rounding throughout.
 
 Notation: body steps ``s = 0..S−1`` (the leaf layers, :func:`gloronet.nn.base.body_steps`), each
-with an :class:`~gloronet.fp.ErrorModel`; ``ĉ_s`` the activation entering step ``s`` in the pass
-``certify`` ran at ``x`` (``ĉ_S`` enters the head), ``ρ̂_s ≥ ‖ĉ_s‖`` its measured norm;
-``L_s`` the product of the Lipschitz bounds of the steps before ``s``. For any ``x'`` with
-``‖x' − x‖ ≤ r`` and ``a_s(·)`` the exact, ``â_s(·)`` the computed activations:
+with two :class:`~gloronet.fp.ErrorModel` s: one of the program certified (the eval forward's
+chunked sums, :mod:`gloronet.nn.accumulate`; ``rel_s``, ``abs_s``) and one of the pass that
+measured the centre (usually the fused kernels, ``rel^c_s``, ``abs^c_s``; the same models when the
+centre was computed by the certified program itself). ``ĉ_s`` is the activation entering step
+``s`` in the pass ``certify`` ran at ``x`` (``ĉ_S`` enters the head), ``ρ̂_s ≥ ‖ĉ_s‖`` its
+measured norm; ``L_s`` the product of the Lipschitz bounds of the steps before ``s``. For any
+``x'`` with ``‖x' − x‖ ≤ r`` and ``a_s(·)`` the exact, ``â_s(·)`` the certified program's
+activations:
 
-* centre error ``‖ĉ_s − a_s(x)‖ ≤ Pc_s``:  ``Pc_{s+1} = lip_s Pc_s + rel_s ρ̂_s + abs_s``;
+* centre error ``‖ĉ_s − a_s(x)‖ ≤ Pc_s``:  ``Pc_{s+1} = lip_s Pc_s + rel^c_s ρ̂_s + abs^c_s``;
 * the computed activation at ``x'`` lies within ``Pc_s + L_s r + Δ_s`` of ``ĉ_s`` where
   ``Δ_s ≥ ‖â_s(x') − a_s(x')‖``, so ``‖â_s(x')‖ ≤ ρ̂_s + Pc_s + P_s + (L_s + Q_s) r`` and
   ``Δ_s ≤ P_s + Q_s r`` with
@@ -14,8 +18,8 @@ with an :class:`~gloronet.fp.ErrorModel`; ``ĉ_s`` the activation entering step 
 
 Head ``y_k = ⟨w_k, h⟩ + b_k``: with ``R_k = Σ_t |w_kt||ĉ_S,t| + |b_k|`` (measured at ``x``), the
 computed logit at ``x'`` errs by ``≤ γ_d(R_k + ‖w_k‖‖â_S(x') − ĉ_S‖)`` (+ underflow terms), and
-the logits used at ``x`` — the head re-evaluated in float64 for a float32 model, the model's own
-for a float64 one — by ``≤ γ_c R_k``. For the predicted ``j`` and any ``i``, the margin computed at
+the logits used at ``x`` — the head re-evaluated in float64 for a float32 model, the centre pass's
+own for a float64 one — by ``≤ γ_c R_k`` (``γ_c = γ⁶⁴_{n+1}``: any summation order). For the predicted ``j`` and any ``i``, the margin computed at
 ``x'`` is at least ``m_ji − D_ji (Pc_S + P_S + Q_S r) − E_j − E_i − K_ji r``, where ``m`` is the
 margin at ``x``, ``D_ji ≥ ‖w_j − w_i‖``, ``K_ji = L D_ji`` and ``E_k`` the two head errors above
 (they grow with ``r`` through ``‖â_S(x') − ĉ_S‖ ≤ Pc_S + P_S + (L + Q_S) r``). It stays positive
@@ -50,11 +54,12 @@ def _down(t: torch.Tensor) -> torch.Tensor:
 class Head:
     """The head ``y = W h + b`` exactly as applied (float64 copies) and its rounding constants.
 
-    In the model's pass each logit's terms are rounded at most ``depth`` times, so
+    In the certified program each logit's terms are rounded at most ``depth`` times, so
     ``|ŷ_k − y_k(h)| ≤ γ_d(Σ_t|w_kt||h_t| + |b_k|) + (1+γ_d)λ(√n‖h‖ + ‖w_k‖₁ + 2(n+1))``
-    (:func:`gloronet.fp.dot_product_model` per logit). At ``x``, a float32 model's head is
-    evaluated again in float64 from the computed ``ĉ_S`` (``reevaluate``; same bound with
-    ``γ⁶⁴_{n+1}``, ``λ⁶⁴``); a float64 model's own logits are already that precise.
+    (:func:`gloronet.fp.dot_product_model` per logit); ``fused_gamma`` is ``γ_{n+1}`` of one fused
+    kernel call in the model's dtype. At ``x``, a float32 model's head is evaluated again in
+    float64 from the computed ``ĉ_S`` (``reevaluate``; same bound with ``γ⁶⁴_{n+1}``, ``λ⁶⁴``); a
+    float64 model's own logits (any summation order) are already that precise.
     """
 
     weight: torch.Tensor  # (C, n) float64
@@ -62,6 +67,7 @@ class Head:
     bias: torch.Tensor  # (C,) float64, zeros without a bias
     row_norm: torch.Tensor  # (C,) upper bounds of ‖w_k‖
     gamma: float  # γ_d in the model's dtype (the pass at x')
+    fused_gamma: float  # γ_{n+1} in the model's dtype (one fused kernel call)
     lam_rel: float  # (1+γ)λ√n
     lam_abs: torch.Tensor  # (C,) (1+γ)λ(‖w_k‖₁ + 2(n+1))
     reevaluate: bool  # the logits at x come from a float64 re-evaluation (float32 models)
@@ -87,10 +93,11 @@ class Head:
         g = fp.gamma(depth, dtype)
         lam_rel, lam_abs = constants(g, fp.smallest_normal(dtype))
         reevaluate = dtype != torch.float64
-        g_c = fp.gamma(n + 1, torch.float64) if reevaluate else g
+        g_c = fp.gamma(n + 1, torch.float64)  # float64, any order: the re-evaluation or a float64 model's centre pass
         c_rel, c_abs = constants(g_c, fp.smallest_normal(torch.float64))
         return Head(
-            weight=w, abs_weight=a, bias=b, row_norm=row_norm, gamma=g, lam_rel=lam_rel, lam_abs=lam_abs,
+            weight=w, abs_weight=a, bias=b, row_norm=row_norm, gamma=g, fused_gamma=fp.gamma(n + 1, dtype),
+            lam_rel=lam_rel, lam_abs=lam_abs,
             reevaluate=reevaluate, centre_gamma=g_c, centre_lam_rel=c_rel, centre_lam_abs=c_abs,
             peak_rel=fp.up((1 + g) * float(row_norm.max())),
             peak_abs=fp.up((1 + g) * (float(b.abs().max()) + fp.smallest_normal(dtype) * 2 * (n + 1))),
@@ -101,22 +108,60 @@ class Head:
 class Profile:
     """The data-independent part of the analysis of one model at one input shape and dtype."""
 
-    models: tuple[fp.ErrorModel, ...]  # body steps
+    models: tuple[fp.ErrorModel, ...]  # body steps, as the certified program runs them (chunked sums)
+    fused: tuple[fp.ErrorModel, ...]  # the same steps run with fused kernels (accumulate.fused)
     prefix_lip: tuple[float, ...]  # L_s for s = 0..S (prefix_lip[S] = L)
     q: tuple[float, ...]  # Q_s for s = 0..S
     head: Head
     threshold: float  # magnitudes below this cannot overflow
     peak_rel: tuple[float, ...]  # overflow coefficients of the body steps, then the head
     peak_abs: tuple[float, ...]
+    gap_rel: float  # ‖fused body(x) − certified body(x)‖ ≤ gap_rel‖x‖ + gap_abs (both computed)
+    gap_abs: float
 
 
-def make_profile(models, head: Head, dtype) -> Profile:
+def make_profile(models, head: Head, dtype, fused=None) -> Profile:
+    """``fused``: the error models of the same steps run with fused kernels (default ``models``)."""
+    fused = tuple(models if fused is None else fused)
+    if len(fused) != len(models) or any(c.lip != m.lip for c, m in zip(fused, models)):
+        raise ValueError("make_profile: the fused pass must run the same steps with the same Lipschitz bounds")
+    whole, whole_fused = fp.compose(models), fp.compose(fused)  # each within rel‖x‖ + abs of the exact body
     prefix, q = [1.0], [0.0]
     for m in models:
         q.append(fp.up(m.lip * q[-1] + m.rel * (prefix[-1] + q[-1])))
         prefix.append(math.nextafter(prefix[-1] * m.lip, math.inf))
-    return Profile(tuple(models), tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype),
-                   tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,))
+    return Profile(tuple(models), fused, tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype),
+                   tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,),
+                   gap_rel=fp.up(whole.rel + whole_fused.rel), gap_abs=fp.up(whole.abs + whole_fused.abs))
+
+
+def fused_may_differ(profile: Profile, D: torch.Tensor, x_norm: torch.Tensor, h: torch.Tensor,
+                     logits: torch.Tensor) -> torch.Tensor:
+    """(B,) True where the certified program's prediction at ``x`` may differ from ``argmax`` of
+    ``logits``, the fused pass's logits at ``x`` (``h`` its head input, ``x_norm ≥ ‖x‖``).
+
+    Both bodies lie within ``rel‖x‖ + abs`` of the exact one (composed models), so
+    ``‖ĥ_F − ĥ_C‖ ≤ δ = gap_rel‖x‖ + gap_abs``. The two heads err from ``y(ĥ)`` by at most
+    ``γ(‖w_k‖‖ĥ‖ + |b_k|) + (1+γ)λ(√n‖ĥ‖ + ‖w_k‖₁ + 2(n+1))`` each (``‖ĥ‖ ≤ ‖ĥ_F‖ + δ``;
+    ``γ_F ≥ γ_C``), so the certified margin ``ŷ^C_j − ŷ^C_i ≥ ŷ^F_j − ŷ^F_i − D_ji δ − E_j − E_i``
+    with ``E_k = (γ_F + γ_C)(‖w_k‖(‖ĥ_F‖ + δ) + |b_k|) + 2(1+γ_F)(λ-terms)``. Where that is positive
+    for every ``i ≠ j = argmax ŷ^F``, the certified program predicts ``j`` strictly; elsewhere
+    (and for non-finite values) the row is flagged."""
+    hd = profile.head
+    y = logits.detach().to(torch.float64)
+    dev = y.device
+    hn = fp.norm_upper(h)
+    delta = _up(profile.gap_rel * x_norm.to(dev) + profile.gap_abs)
+    size = _up(hn + delta)[:, None]
+    reach = _up(hd.row_norm.to(dev)[None, :] * size + hd.bias.abs().to(dev)[None, :])
+    lam = _up(hd.lam_rel * size + hd.lam_abs.to(dev)[None, :])
+    err = _up((hd.fused_gamma + hd.gamma) * reach + 2 * (1 + hd.fused_gamma) * lam)  # (B, C) E_k
+    pred = y.argmax(dim=1)
+    idx = pred[:, None]
+    need = _up(D.to(dev)[pred] * delta[:, None] + err.gather(1, idx) + err)
+    sure = _down(y.gather(1, idx) - y) > need
+    sure |= torch.nn.functional.one_hot(pred, y.shape[1]).bool()
+    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta))
 
 
 def _overflow_radius(peak_rel, peak_abs, rho0: torch.Tensor, slope, threshold: float) -> torch.Tensor:
@@ -167,10 +212,12 @@ def margin_bounds(
     profile: Profile | None,
     norms: list[torch.Tensor] | None = None,
     head_input: torch.Tensor | None = None,
+    fused_centre: bool = False,
 ) -> MarginBounds:
     """The :class:`MarginBounds` of one batch; ``profile=None`` for exact arithmetic (the computed
     logits, no rounding allowance). ``norms[s]`` (B,) bounds ``‖ĉ_s‖`` for ``s = 0..S`` and
-    ``head_input`` is ``ĉ_S`` (see the module docstring)."""
+    ``head_input`` is ``ĉ_S`` (see the module docstring); ``fused_centre``: the centre was computed
+    with fused kernels (its errors from ``profile.fused``), else by the certified program."""
     y = logits.detach().to(torch.float64)
     B, dev = y.shape[0], y.device
     if profile is None:
@@ -178,10 +225,10 @@ def margin_bounds(
     pc = torch.zeros(B, dtype=torch.float64, device=dev)
     p = torch.zeros_like(pc)
     balls = []  # ‖â_s(x')‖ ≤ ball_s + (L_s + Q_s) r
-    for s, m in enumerate(profile.models):
+    for s, (m, c) in enumerate(zip(profile.models, profile.fused if fused_centre else profile.models)):
         rho = norms[s].to(dev)
         balls.append(rho + pc + p)
-        pc, p = _up(m.lip * pc + m.rel * rho + m.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)
+        pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)
     hd = profile.head
     rho = norms[-1].to(dev)
     balls.append(rho + pc + p)

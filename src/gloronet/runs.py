@@ -39,7 +39,7 @@ HISTORY = "history.json"
 RUN_FILES = ("config.yaml", "log.csv", "model.safetensors", "model.json", "state.pt", HISTORY)
 # keys a resumed run may change: where and how it runs and reports, never what it trains
 RUN_SETTINGS = frozenset({"device", "data_dir", "eval_every", "checkpoint_every", "train_vra_subset", "test_limit",
-                          "certify_epsilons", "tensorboard"})
+                          "certify_epsilons", "tensorboard", "collapse_guard"})
 
 
 class RunError(ValueError):

@@ -195,7 +195,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, restart: b
         net.train()
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        sums = torch.zeros(4, device=device)  # loss, correct, vra_est, count
+        sums = torch.zeros(6, device=device)  # loss, correct, vra_est, count; correct, count of the last tenth
         bar = tqdm(loader, total=nb, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
         for b, (x, y) in enumerate(bar):
             t = epoch + b / nb
@@ -206,8 +206,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, restart: b
                                               relax)
             with torch.no_grad():
                 pred = bottom.argmax(1)
-                sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), (pred == y).sum(),
-                                     torch.tensor(len(y), device=device)]).float()
+                hits = (logits.argmax(1) == y).sum()
+                tail = b >= nb - max(1, nb // 10)
+                sums += torch.stack([loss.detach() * len(y), hits, (pred == y).sum(), torch.tensor(len(y), device=device),
+                                     hits * tail, torch.tensor(len(y) * tail, device=device)]).float()
             if progress and rank == 0 and (b % 10 == 0 or b == nb - 1):
                 s = (sums / sums[3]).tolist()
                 bar.set_postfix(loss=f"{s[0]:.3f}", acc=f"{s[1]:.3f}", vra_est=f"{s[2]:.3f}", eps=f"{eps:.3g}")
@@ -217,6 +219,13 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, restart: b
         if not math.isfinite(s[0]):  # every rank sees the same reduced loss
             raise RunError(f"training diverged in epoch {epoch + 1} of {out} (loss {s[0]}): nothing of this epoch was "
                            "saved; lower lr or set grad_clip")
+        tail_acc, tail_n = (s[4] / s[5] if s[5] else 1.0), float(sums[5])
+        if cfg.collapse_guard and collapsed(tail_acc, tail_n, rows, info.num_classes):
+            raise RunError(
+                f"training collapsed in epoch {epoch + 1} of {out}: accuracy over its last tenth of batches fell to "
+                f"{tail_acc:.1%} (chance {1 / info.num_classes:.1%}) after {max(r['train_acc'] for r in rows):.1%} in "
+                f"an earlier epoch; nothing of this epoch was saved (state.pt holds the last checkpoint); restart with "
+                "a lower lr, grad_clip or a slower ε schedule, or set collapse_guard: false")
         row = {"epoch": epoch + 1, "lr": lr, "train_epsilon": eps, "loss": s[0], "train_acc": s[1],
                "train_vra_est": s[2], "test_acc": "", "test_vra": "", "test_n": "", "train_subset_acc": "",
                "train_subset_vra": "",
@@ -249,6 +258,16 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, restart: b
     if tb is not None:
         tb.close()
     return rows[-1] if rows else {}
+
+
+def collapsed(tail_acc: float, tail_n: float, rows: list[dict], num_classes: int) -> bool:
+    """A run has collapsed when the accuracy of an epoch's last tenth of batches (``tail_n``
+    images, at least ``max(100, 10·C)`` to judge) is at chance (``≤ 1.5/C``) although an earlier
+    epoch reached ``3/C`` (capped at 0.5) — e.g. GloRo training at a large ε whose Lipschitz bound
+    shrinks to nothing and the logits to a constant."""
+    reached = max((r["train_acc"] for r in rows), default=0.0)
+    enough = tail_n >= max(100, 10 * num_classes)
+    return enough and reached >= min(0.5, 3 / num_classes) and tail_acc <= 1.5 / num_classes
 
 
 def _header(out: Path, kind: str, start_epoch: int, cfg: TrainConfig, device, sources: dict, net: GloroNet,

@@ -7,23 +7,50 @@ float32 sum, which costs certified radius. In eval mode the layers therefore spl
 ``m ≤ 8`` chunks of ``≤ ⌈n/m⌉`` terms (slices of the input features / input channels), let the
 kernel sum each chunk in any order, and add the ``m`` partial results one by one:
 every term then passes through at most ``⌈n/m⌉ + m − 1`` roundings (``+1`` for the bias), about
-``n/8`` instead of ``n``. Same products, same FLOPs; measured 1.0–1.15x the time of one kernel call
-on the CPU (benchmarks/certify_price.py). Training keeps the single fused kernel.
+``n/8`` instead of ``n``. Same products, same FLOPs, but more, smaller kernel calls: 0.6–0.8x the
+speed of one call on the CPU (benchmarks/certify_price.py). Training keeps the single fused kernel.
+
+Inside :func:`fused` (per thread) the same functions run the one fused kernel call and
+:func:`rounding_depth` reports its depth, ``n`` (+1 for the bias): the fast pass of
+:class:`gloronet.GloroNet`, whose error models are built under the same context, so a layer's
+kernel and its error model always read the one switch (:func:`chunk_count`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 
 MIN_CHUNK = 64  # sums of at most this many terms are not split
 MAX_CHUNKS = 8
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def fused():
+    """Within this context (this thread only) every sum runs as one kernel call, and
+    :func:`rounding_depth` is that of an unknown summation order. Nests; restores on exit."""
+    before = getattr(_mode, "fused", False)
+    _mode.fused = True
+    try:
+        yield
+    finally:
+        _mode.fused = before
+
+
+def is_fused() -> bool:
+    """True inside :func:`fused` on this thread."""
+    return getattr(_mode, "fused", False)
 
 
 def chunk_count(n_terms: int, splittable: int) -> int:
     """Number of chunks for an ``n_terms``-term sum whose input splits into ``splittable`` slices
-    (features of a dense layer, input channels of a convolution)."""
+    (features of a dense layer, input channels of a convolution); 1 inside :func:`fused`."""
+    if is_fused():
+        return 1
     return max(1, min(MAX_CHUNKS, splittable, math.ceil(n_terms / MIN_CHUNK)))
 
 
@@ -47,7 +74,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     The bias joins the first chunk's sum (``⌈n/m⌉ + 1`` terms); the other partial sums are added
     to it one by one, in place."""
     n = weight.shape[1]
-    slices = _slices(n, chunk_count(n, n))
+    m = chunk_count(n, n)
+    if m == 1:
+        return F.linear(x, weight, bias)
+    slices = _slices(n, m)
     out = F.linear(x[..., slices[0]], weight[:, slices[0]], bias)
     for sl in slices[1:]:
         out.add_(F.linear(x[..., sl], weight[:, sl]))

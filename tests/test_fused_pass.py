@@ -1,0 +1,238 @@
+"""The fused eval pass (issue 18): ``net.eval()(x)`` and ``certify`` run one kernel call per sum,
+yet predict exactly what the certified program (chunked sums, :mod:`gloronet.nn.accumulate`)
+predicts, and every kernel call sums no more terms than the error model it is analysed with.
+
+* near the decision boundary the fused and the chunked program disagree (the construction sees
+  rounding), and the eval forward always returns the chunked program's class, strictly first;
+* clear points run the fused kernels alone (no replay), unsure rows are replayed exactly;
+* the kernel structure the error models assume, checked on every registered architecture by
+  recording the kernel calls of each layer and the depths its error model was built with.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import gloronet
+from gloronet import fp, kernels
+from gloronet.nn import Flatten, LipLinear, MinMax, Sequential, accumulate
+from gloronet.nn.base import body_steps, error_model_of
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _chunked(net, x: torch.Tensor) -> torch.Tensor:
+    """The certified program: the eval layers with their chunked sums."""
+    with torch.no_grad(), kernels.sound_kernels():
+        return net.head(net.body(x))
+
+
+def _fused(net, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
+        return net.head(net.body(x))
+
+
+def _long_sums_net(seed: int = 0, n: int = 4096) -> gloronet.GloroNet:
+    """4096-term sums in the first layer: the fused and chunked orders round differently."""
+    torch.manual_seed(seed)
+    net = gloronet.GloroNet(Sequential(Flatten(), LipLinear(n, 8), MinMax(), LipLinear(8, 8)), LipLinear(8, 3), 0.1)
+    return net.eval()
+
+
+def _near_ties(net, n_pairs: int, seed: int, dim: int = 4096) -> torch.Tensor:
+    """Points bisected (48 bits) onto the fused program's decision boundary between random pairs
+    with different fused predictions, and ±1-ulp moves of random coordinates around them."""
+    g = _gen(seed)
+    a, b = torch.rand(n_pairs, dim, generator=g), torch.rand(n_pairs, dim, generator=g)
+    keep = _fused(net, a).argmax(1) != _fused(net, b).argmax(1)
+    a, b = a[keep].double(), b[keep].double()
+    pa = _fused(net, a.float()).argmax(1)
+    lo, hi = torch.zeros(len(a), dtype=torch.float64), torch.ones(len(a), dtype=torch.float64)
+    for _ in range(48):
+        mid = (lo + hi) / 2
+        same = _fused(net, (a + mid[:, None] * (b - a)).float()).argmax(1) == pa
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    base = torch.cat([(a + lo[:, None] * (b - a)).float(), (a + hi[:, None] * (b - a)).float()])
+    moves = [base]
+    for _ in range(6):
+        mask = torch.rand(base.shape, generator=g) < 0.02
+        up = torch.rand(base.shape, generator=g) < 0.5
+        target = torch.where(up, torch.full_like(base, 2.0), torch.full_like(base, -1.0))
+        moves.append(torch.where(mask, torch.nextafter(base, target), base))
+    return torch.cat(moves)
+
+
+def _clear_points(net, n: int, seed: int) -> torch.Tensor:
+    """Random inputs whose top-two fused logits differ by more than 0.2."""
+    x = torch.rand(16 * n, 4096, generator=_gen(seed))
+    top2 = _fused(net, x).topk(2, dim=1).values
+    x = x[top2[:, 0] - top2[:, 1] > 0.2][:n]
+    assert len(x) == n
+    return x
+
+
+def test_eval_forward_predicts_the_certified_program_near_ties():
+    net = _long_sums_net()
+    x = torch.cat([_near_ties(net, 64, seed=1), _clear_points(net, 16, seed=2)])
+    fused, chunked = _fused(net, x), _chunked(net, x)
+    assert (fused.argmax(1) != chunked.argmax(1)).any(), "construction too weak: fused and chunked never disagree"
+    with torch.no_grad():
+        out = net(x)
+    pred = chunked.argmax(1)
+    assert torch.equal(out.argmax(1), pred)
+    kept = (out == fused).all(1)  # rows the guard vouched for: the fused logits, the class strictly first
+    others = out.scatter(1, pred[:, None], -torch.inf)
+    assert (out.gather(1, pred[:, None])[:, 0] > others.amax(1))[kept].all()
+    assert torch.equal(out[~kept], chunked[~kept])  # replayed rows hold the certified program's logits
+    assert (~kept).any() and kept.any()
+
+
+class _KernelCalls(TorchFunctionMode):
+    """Records every sum-of-products kernel call: ``(name, terms summed per output)``."""
+
+    SUMS = {F.linear: "linear", F.conv2d: "conv2d"}
+    OTHER = {torch.matmul, torch.mm, torch.bmm, torch.einsum, F.conv1d, F.conv3d, F.conv_transpose2d,
+             torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm, torch.baddbmm}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SUMS:
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            self.calls.append((self.SUMS[func], w[0].numel()))
+        elif func in self.OTHER or getattr(func, "__module__", "") == "torch._C._fft":
+            self.calls.append((getattr(func, "__name__", str(func)), -1))
+        return func(*args, **kwargs)
+
+
+def test_clear_points_run_fused_kernels_only_and_unsure_rows_are_replayed():
+    net = _long_sums_net()
+    x = _clear_points(net, 16, seed=3)
+    with torch.no_grad():
+        net(x)  # bounds and profile cached
+        with _KernelCalls() as rec:
+            out = net(x)
+    assert rec.calls == [("linear", 4096), ("linear", 8), ("linear", 8)]  # one call per layer: nothing replayed
+    assert torch.equal(out.argmax(1), _chunked(net, x).argmax(1))
+    tie = _near_ties(net, 64, seed=1)
+    disagree = _fused(net, tie).argmax(1) != _chunked(net, tie).argmax(1)
+    batch = torch.cat([x, tie[disagree][:1]])
+    with torch.no_grad(), _KernelCalls() as rec:
+        out = net(batch)
+    assert len(rec.calls) > 3  # the near tie was computed again by the chunked program
+    assert torch.equal(out[-1], _chunked(net, batch[-1:])[0])
+
+
+def test_a_net_without_error_models_runs_the_certified_program():
+    class Scale(gloronet.nn.LipschitzModule):
+        def forward(self, x):
+            return 0.5 * x
+
+        def lipschitz(self):
+            return torch.tensor(0.5)
+
+        def lipschitz_bound(self):
+            return 0.5
+
+    net = gloronet.GloroNet(Sequential(Flatten(), LipLinear(512, 4), Scale()), LipLinear(4, 3), 0.1).eval()
+    x = torch.rand(5, 512, generator=_gen(4))
+    with torch.no_grad():
+        assert torch.equal(net(x), _chunked(net, x))
+
+
+# --------------------------------------------------------------------------- kernel structure
+@contextlib.contextmanager
+def _recorded_depths():
+    """Rounding depths the error models are built with: every ``fp.gamma(d, float32)`` call (the
+    dot-product models and the layers that assemble their own)."""
+    depths: list[int] = []
+    original = fp.gamma
+
+    def spy(n, dtype):
+        if dtype == torch.float32:
+            depths.append(int(n))
+        return original(n, dtype)
+
+    fp.gamma = spy
+    try:
+        yield depths
+    finally:
+        fp.gamma = original
+
+
+ARCHITECTURES = ["2c2f", "4c3f", "liresnet-6l32w", "chord-6l32w", "aol-mnist", "sll-mnist", "bro-mnist"]
+
+
+@pytest.mark.parametrize("mode", ["chunked", "fused"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_kernel_call_sums_within_the_depth_its_error_model_assumes(name, mode):
+    """Per layer, in eval mode: every kernel call is a dense or conv sum (no FFT, no bare matmul),
+    and sums at most as many terms per output as the depth of the layer's error model — built
+    under the same mode. A fused kernel analysed with the chunked depth (``≈ n/8``) fails this."""
+    torch.manual_seed(0)
+    net = gloronet.models.create(name, (1, 28, 28), 10, 0.3).eval()
+    ctx = accumulate.fused if mode == "fused" else contextlib.nullcontext
+    h = torch.rand(2, 1, 28, 28, generator=_gen(5))
+    checked = 0
+    for step in [*body_steps(net.body), net.head]:
+        with torch.no_grad(), ctx(), kernels.sound_kernels():
+            step(h)  # derived weights are computed (and cached) on the first eval call
+            with _KernelCalls() as rec:
+                out = step(h)
+        if rec.calls:
+            assert all(terms > 0 for _, terms in rec.calls), f"{type(step).__name__}: {rec.calls}"
+            with ctx(), _recorded_depths() as depths:
+                if step is net.head:
+                    depths.append(gloronet.gloro.applied_head(step)[2])
+                else:
+                    error_model_of(step, tuple(h.shape[1:]), torch.float32, 1.0)
+            assert depths, f"{type(step).__name__} runs sums but its error model has no dot-product depth"
+            assert max(t for _, t in rec.calls) <= max(depths), f"{type(step).__name__} ({mode}): {rec.calls} vs {depths}"
+            checked += 1
+        h = out
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_centre_is_analysed_with_the_models_of_the_kernels_that_computed_it(monkeypatch, fast):
+    """Every ``margin_bounds`` of a float certificate takes its centre error from the error models
+    of the kernels the pass at ``x`` actually ran: fused (one 4096-term call) or chunked."""
+    net = _long_sums_net()
+    x = torch.cat([_near_ties(net, 8, seed=6), _clear_points(net, 8, seed=7)])
+    seen = []
+    original = gloronet.radius.margin_bounds
+    rec = _KernelCalls()
+
+    def spy(*args, **kwargs):
+        widest = max((t for name, t in rec.calls if name in ("linear", "conv2d")), default=0)
+        seen.append((kwargs.get("fused_centre", False), widest))
+        rec.calls.clear()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gloronet.radius, "margin_bounds", spy)
+    with rec:
+        cert = net.certify(x, epsilon=0.01, fast=fast)
+    profiled = [(f, w) for f, w in seen if w]  # calls after a pass (the exact-radius helper runs none)
+    assert profiled and all(f == (w == 4096) for f, w in profiled), profiled
+    assert any(f for f, _ in profiled) == fast
+    assert len(profiled) == (2 if fast else 1)  # the near ties were measured again by the certified program
+    assert cert.radius.shape == (len(x),)
+
+
+def test_the_gpu_price_benchmark_runs_end_to_end_on_the_cpu(capsys):
+    from conftest import load_benchmark
+
+    load_benchmark("certify_price_cuda").main(["--device", "cpu", "--model", "2c2f", "--in-shape", "1x28x28",
+                                               "--batch", "8", "--batches", "1", "--repeats", "1", "--train-steps", "1"])
+    table = capsys.readouterr().out
+    for row in ("plain fp32 (cuDNN, TF32)", "plain fp32 IEEE, no cuDNN", "net(x)", "certify fast=False"):
+        assert f"| {row} |" in table
