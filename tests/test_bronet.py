@@ -58,8 +58,9 @@ def test_bronet_mnist_builds_runs_and_certifies(shape):
 def test_the_paper_configuration_is_bronet_l():
     """``bronet-12l512w`` is BRONet-L of ntuaislab/BRONet configs/benchmark_reproduce/cifar10.yaml:
     12 BRO convs of width 512, rank 256 on 16×16 maps, a Cholesky neck to 2048, 8 Cholesky dense
-    layers, an LLN head (built only: its eval kernels take GBs)."""
-    net = gloronet.models.create("bronet-12l512w", (3, 32, 32), 10, 36 / 255)
+    layers, an LLN head (built on the meta device: the structure, no weights)."""
+    with torch.device("meta"):
+        net = gloronet.models.create("bronet-12l512w", (3, 32, 32), 10, 36 / 255)
     convs = [m for m in net.body if isinstance(m, BROConv2d)]
     assert len(convs) == 12 and {(c.in_channels, c.out_channels, c.rank, c.input_hw, c.kernel_size)
                                  for c in convs} == {(512, 512, 256, (16, 16), 3)}
@@ -69,6 +70,9 @@ def test_the_paper_configuration_is_bronet_l():
     mlp = net.body[i + 4]
     assert (mlp.features, mlp.depth) == (2048, 8) and net.body[i + 2].out_features == 2048
     assert isinstance(net.head, LLNLinear) and net.head.weight.shape == (10, 2048)
+    # the reference's count (its code, cifar10.yaml) is 68,788,234: ours plus its 12·512 backbone
+    # gains γ (our V is trained directly) less our 512 neck-conv biases
+    assert sum(p.numel() for p in net.parameters()) == 68_788_234 - 12 * 512 + 512
     with pytest.raises(ValueError, match="fixes width=512"):
         gloronet.models.create("bronet-12l512w", (3, 32, 32), 10, width=256)
 
