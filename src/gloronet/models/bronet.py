@@ -6,8 +6,9 @@ Layout (following ntuaislab/BRONet ``bronet/models/model.py``, ``BRONet``)::
 
     x − ½                       translation, Lipschitz 1 (:class:`.liresnet.InputShift`)
     stem                        conv 5×5 stride 2 + MinMax (:func:`.liresnet.build_stem`)
-    depth × (BROConv2d + MinMax)  BRO convolutions, width → width, 3×3, rank ``width // 2``
-                                (the reference's ``LiResConvOrtho`` with ``mode="bro"``)
+    depth × (BROConv2d + MinMax)  BRO convolutions, width → width, 3×3, rank ``width // 2``,
+                                zero padding ``k // 2`` then circular on the padded canvas, cropped
+                                (the reference's ``LiResConvOrtho``, ``mode="bro"``, ``zero_padding``)
     neck                        CHORD's ``Map2Vec`` (:func:`.liresnet.build_neck`): Cholesky
                                 4×4 stride-4 conv, flatten, Cholesky dense to ``dense_width``, MinMax
     dense layers                ``dense="chord"``: :class:`~gloronet.nn.orthogonal.ChordMLP`
@@ -16,9 +17,8 @@ Layout (following ntuaislab/BRONet ``bronet/models/model.py``, ``BRONet``)::
                                 reference's ``LiBroMLP``, its default ``dense_type``)
     head                        LLN linear head
 
-Differences from the reference (also in ``configs/*bronet*``): our BRO convolution is circular on
-the feature map itself (the reference zero-pads by ``k // 2``, convolves circularly on the larger
-canvas and crops); no batch mean-centring of the convolutions; ``V`` is the parameter itself,
+Differences from the reference (also in ``configs/*bronet*``): no batch mean-centring of the
+convolutions; ``V`` is the parameter itself,
 initialised to the identity reflector (the reference trains ``V = I + depth^-½·γ⊙W``, which starts
 near it); ``ε = 10⁻⁵`` in the reflector's regularised solve (the reference: 10⁻⁷ in the backbone).
 
@@ -66,6 +66,7 @@ def build_bronet(
     dense: str = "chord",
     rank: int | None = None,
     kernel_size: int = 3,
+    padding: int | None = None,
     stem: str = "auto",
     patch_size: int | None = None,
     center_input: bool = True,
@@ -82,6 +83,8 @@ def build_bronet(
         dense: 'chord' (Cholesky-orthogonal dense layers) or 'bro' (BRO dense layers).
         rank: rank of every BRO reflector (default ``width // 2``, the paper's ratio 0.5).
         kernel_size: kernel of the BRO convolutions.
+        padding: their zero padding (default ``kernel_size // 2``, as the reference; 0: circular on
+            the feature map).
         stem, patch_size, center_input, power_iters, orth_eps: as :func:`.liresnet.build_liresnet`.
         head: 'lln' (default, as the paper) or 'linear'.
     """
@@ -101,8 +104,9 @@ def build_bronet(
     stem_conv = build_stem(c, (h, w), width, stem, patch_size, power_iters)
     hw = stem_conv.output_hw((h, w))
     layers += [stem_conv, MinMax()]
+    pad = kernel_size // 2 if padding is None else padding
     for _ in range(depth):
-        layers += [BROConv2d(width, width, hw, kernel_size, rank=rank), MinMax()]
+        layers += [BROConv2d(width, width, hw, kernel_size, rank=rank, padding=pad), MinMax()]
     layers += build_neck(width, hw, dense_width, True, orth_eps, power_iters)
     if dense_depth and dense == "chord":
         layers.append(ChordMLP(dense_width, dense_depth, eps=orth_eps, power_iters=power_iters))
