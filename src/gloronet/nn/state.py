@@ -169,9 +169,10 @@ class EvalCache:
     module start with an empty cache.
     """
 
+    _pinned = False  # see pin()
+
     def __init__(self):
         self._entry: tuple[MapState, torch.Tensor, dict] | None = None
-        self._pinned = False
 
     def _current(self, owner: nn.Module):
         entry = self._entry
@@ -218,7 +219,7 @@ class EvalCache:
         self._pinned = True
 
     def __getstate__(self):
-        return {"_entry": None, "_pinned": False}
+        return {"_entry": None}
 
 
 def eval_caches(module: nn.Module):
