@@ -122,7 +122,7 @@ def build_stem(in_channels: int, hw: tuple[int, int], width: int, stem: str, pat
 
 
 def build_neck(width: int, hw: tuple[int, int], dense_width: int, chord: bool, orth_eps: float = DEFAULT_EPS,
-         power_iters: int = 1) -> list[nn.Module]:
+               power_iters: int = 1) -> list[nn.Module]:
     """The neck: a 4×4 stride-4 conv ('same'), Flatten, a dense layer to ``dense_width``, MinMax;
     CHORD's ``Map2Vec`` (``chord=True``: both Cholesky-orthogonalised) or LiResNet's (power-iteration
     normalised)."""

@@ -20,8 +20,8 @@ block reflector ``Ŵ(ω) = I − 2 V̂ (V̂ᴴV̂ + ε_ω I)⁻¹ V̂ᴴ`` (``ε
 (Sedghi et al., ICLR 2019: those are its singular values). The reference zero-pads the input by
 ``k // 2``, convolves circularly on that larger canvas and crops the output: ours does so with
 ``padding=k // 2`` and is circular on the input size itself with ``padding=0`` (the default);
-stride 1 (the reference's stride 2 is its space-to-depth; here stride-2 layers are AOL convs). Training runs it
-through differentiable FFTs, as the reference. Eval / certification does NOT trust FFT rounding: the
+stride 1 (the reference's stride 2 is its space-to-depth; here stride-2 layers are AOL convs).
+Training runs it through differentiable FFTs, as the reference. Eval / certification does NOT trust FFT rounding: the
 operator is materialised once as a spatial circular-convolution kernel ``K = IDFT(Ŵ)``
 (out × in × H × W), computed in float64 and rounded once to the parameter dtype
 (:class:`~gloronet.nn.state.EvalCache`); the forward pass runs that kernel (circular padding,
@@ -146,7 +146,7 @@ class BROConv2d(LipschitzModule):
 
     # -- the operator -------------------------------------------------------------------------
     def spectrum(self) -> torch.Tensor:
-        """Differentiable half-spectrum ``Ŵ(ω)`` (H, W//2+1, out, in), at least float32."""
+        """Differentiable half-spectrum ``Ŵ(ω)`` (H', W'//2+1, out, in) on the canvas, at least float32."""
         v = self.reflector if self.reflector.dtype in (torch.float32, torch.float64) else self.reflector.float()
         with no_autocast(v.device.type):
             return bro_spectrum(v, self.canvas_hw, self.out_channels, self.in_channels)
