@@ -72,7 +72,9 @@ class FrozenGloro(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net.head(self.net.body(x))  # the plain layer forward, as GloroNet.forward in a trace
+        # the plain layer forward (what GloroNet.forward runs in a trace); this module exists to be
+        # traced: for logits in gloronet itself call the GloroNet (its eval mode sets sound kernels)
+        logits = self.net.head(self.net.body(x))
         pred = logits.argmax(dim=1)
         shifted = logits + self.eps_K[pred]
         classes = torch.arange(logits.shape[1], device=logits.device)
