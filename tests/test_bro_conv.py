@@ -111,6 +111,46 @@ def test_bound_covers_the_applied_kernel_and_is_tight_at_init(inp, out, hw, k, r
     assert exact <= layer.lipschitz_bound() <= 1.05 * exact
 
 
+def _interior(a: torch.Tensor, channels: tuple[int, int], hw, p: int) -> torch.Tensor:
+    """``crop ∘ A ∘ pad``: the rows and columns of the canvas operator ``a`` at the pixels at least
+    ``p`` from the canvas border (index arithmetic, as :func:`_circular_matrix`)."""
+    h, w = hw
+    keep = torch.zeros(h + 2 * p, w + 2 * p, dtype=torch.bool)
+    keep[p:p + h, p:p + w] = True
+    rows, cols = keep.flatten().repeat(channels[0]), keep.flatten().repeat(channels[1])
+    return a[rows][:, cols]
+
+
+PADDED = [(4, 4, (4, 4), 3, None, 1), (3, 5, (5, 3), 3, 2, 1), (2, 3, (3, 3), 2, 1, 2)]  # in, out, hw, k, rank, p
+
+
+@pytest.mark.parametrize("inp,out,hw,k,rank,p", PADDED)
+def test_zero_padded_forward_matches_the_reference_and_is_bounded(inp, out, hw, k, rank, p):
+    """``padding=p`` (ntuaislab/BRONet ``zero_padding``): zero-pad by ``p``, the per-frequency
+    reflector on the padded canvas, crop — training and eval against the float64 equations; the
+    eval map is ``crop ∘ C ∘ pad`` of the applied kernel, its exact norm within the bound (tight
+    at the identity init)."""
+    torch.manual_seed(21)
+    layer = BROConv2d(inp, out, hw, k, rank=rank, padding=p).eval()
+    canvas = (hw[0] + 2 * p, hw[1] + 2 * p)
+    exact = exact_norm(_interior(_circular_matrix(layer.applied_kernel()), (out, inp), hw, p))
+    assert exact <= layer.lipschitz_bound() <= 1.05 * exact
+    _randomised(layer, seed=22)
+    x = torch.randn(3, inp, *hw)
+    xz = torch.nn.functional.pad(x, (p, p, p, p))
+    ref = _bro_conv_ref(layer.reflector.detach(), canvas, out, inp, xz)[:, :, p:p + hw[0], p:p + hw[1]]
+    ref = ref + layer.bias.detach().to(D64).view(1, -1, 1, 1)
+    for mode in (True, False):
+        layer.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).to(D64), ref, rtol=1e-5, atol=1e-5)
+    a = _interior(_circular_matrix(layer.applied_kernel()), (out, inp), hw, p)
+    b = layer.bias.detach().to(D64).repeat_interleave(hw[0] * hw[1])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).to(D64).flatten(1), x.to(D64).flatten(1) @ a.t() + b, rtol=1e-5, atol=1e-5)
+    assert exact_norm(a) <= layer.lipschitz_bound()
+
+
 def test_the_bound_is_of_the_rounded_kernel():
     """The float32 kernel's operator exceeds 1 (rounding): a bound of the exact reflector
     ("1 by construction") or of the float64 kernel would not cover what runs."""
@@ -140,12 +180,14 @@ def test_one_channel_3x3_map_sums_taps_where_winograd_would_run(monkeypatch):
     assert calls == [1]
 
 
-def test_rounding_within_its_error_model():
-    """``‖ŷ − y‖ ≤ rel·‖x‖ + abs``, ``y`` the float64 circular convolution with the same kernel."""
+@pytest.mark.parametrize("p", [0, 1])
+def test_rounding_within_its_error_model(p):
+    """``‖ŷ − y‖ ≤ rel·‖x‖ + abs``, ``y`` the float64 circular convolution with the same kernel
+    (``crop ∘ C ∘ pad`` with padding)."""
     torch.manual_seed(7)
-    layer = _randomised(BROConv2d(5, 5, (6, 6), 3, init="orthogonal"), seed=8).eval()
+    layer = _randomised(BROConv2d(5, 5, (6, 6), 3, init="orthogonal", padding=p), seed=8).eval()
     model = layer.error_model((5, 6, 6), torch.float32, layer.lipschitz_bound())
-    a = _circular_matrix(layer.applied_kernel())
+    a = _interior(_circular_matrix(layer.applied_kernel()), (5, 5), (6, 6), p)
     b = layer.bias.detach().to(D64).repeat_interleave(36)
     x = torch.randn(64, 5, 6, 6) * 10
     xf = x.to(D64).flatten(1)

@@ -1,7 +1,7 @@
 """Every recipe in configs/ parses, builds its architecture for its dataset's input shape, and
 takes one finite training step with its own loss, optimizer and schedules (synthetic data:
 CIFAR/Tiny-ImageNet/ImageNet are not available offline). LiResNet/CHORD recipes keep their
-depth but are built at width 16 (dense width 32): full width costs minutes per step on 2 CPU
+depth but are built at width 16 (dense width 32), BRONet's too: full width costs minutes per step on 2 CPU
 cores; the full-width builds are exercised by benchmarks/throughput.py."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gloronet import data, models
-from gloronet.models import liresnet
+from gloronet.models import bronet, liresnet
 from gloronet.config import build_config
 from gloronet.losses import make_loss
 from gloronet.optim import make_optimizer
@@ -37,7 +37,10 @@ def test_recipe_builds_and_steps(path):
     info = data.dataset_info(cfg.dataset)
     info_shape = info.in_shape
     torch.manual_seed(0)
-    if cfg.model.startswith(("liresnet-", "chord-")):
+    if cfg.model in bronet.BRONETS:  # same depth and dense depth, narrow (as the LiResNet / CHORD ones)
+        fixed = {**bronet.BRONETS[cfg.model], "width": 16, "dense_width": 32}
+        net = models.create("bronet", info_shape, info.num_classes, cfg.epsilon, **fixed, **cfg.model_args)
+    elif cfg.model.startswith(("liresnet-", "chord-")):
         family, depth, _ = liresnet.parse_name(cfg.model)
         kw = {"dense_width": 32} if family == "chord" else {}
         net = liresnet.create(f"{family}-{depth}l16w", info_shape, info.num_classes, cfg.epsilon, **kw, **cfg.model_args)

@@ -39,10 +39,8 @@ def _uncached(net):
     """The same model and state with every cache emptied (the oracle)."""
     fresh = copy.deepcopy(net)
     fresh._bound_cache = None
-    for m in fresh.modules():
-        for v in vars(m).values():
-            if isinstance(v, gloronet.nn.state.EvalCache):
-                v.clear()
+    for cache in gloronet.nn.state.eval_caches(fresh):
+        cache.clear()
     return fresh
 
 

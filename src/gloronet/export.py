@@ -35,6 +35,7 @@ from torch import nn
 
 from . import __version__
 from .gloro import GloroNet
+from .nn.state import eval_caches
 from .runs import RunError, load_model, read_model_meta, weights_hash, write_bytes, write_json
 
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}
@@ -43,7 +44,13 @@ OUTPUTS = ("logits", "bottom_logit_exact")
 
 
 class FrozenGloro(nn.Module):
-    """``x -> (logits, bottom_logit_exact)`` with ``ε·K`` frozen as a float32 constant (rounded up)."""
+    """``x -> (logits, bottom_logit_exact)`` with ``ε·K`` frozen as a float32 constant (rounded up).
+
+    Every weight a layer derives for its eval forward (normalised, rescaled, orthogonalised weights;
+    BRO's materialised circular kernel) is computed once here, bounded into ``ε·K``, and pinned
+    (:meth:`gloronet.nn.state.EvalCache.pin`): the traced program stores it as a constant instead
+    of re-deriving it with the runtime's own rounding (or with ops ONNX lacks: BRO's complex
+    solves), so the exported model applies exactly the weights ``K`` bounds."""
 
     def __init__(self, net: GloroNet, epsilon: float | None = None):
         super().__init__()
@@ -51,7 +58,8 @@ class FrozenGloro(nn.Module):
         for p in self.net.parameters():
             p.requires_grad_(False)
         eps = net.epsilon if epsilon is None else float(epsilon)
-        eps_k = net.lipschitz_constant() * eps  # float64; rounded up next, then to the model's dtype
+        # the copy's own bound: it derives (and caches) the very weights pinned below
+        eps_k = self.net.lipschitz_constant() * eps  # float64; rounded up next, then to the model's dtype
         eps_k = torch.nextafter(eps_k, torch.full_like(eps_k, math.inf))
         dtype = next(net.parameters()).dtype
         frozen = eps_k.to(dtype)
@@ -59,10 +67,14 @@ class FrozenGloro(nn.Module):
         frozen.fill_diagonal_(0.0)
         self.register_buffer("eps_K", frozen.to(next(net.parameters()).device))
         self.epsilon = eps
+        for cache in eval_caches(self.net):
+            cache.pin()
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(x)
+        # the plain layer forward (what GloroNet.forward runs in a trace); this module exists to be
+        # traced: for logits in gloronet itself call the GloroNet (its eval mode sets sound kernels)
+        logits = self.net.head(self.net.body(x))
         pred = logits.argmax(dim=1)
         shifted = logits + self.eps_K[pred]
         classes = torch.arange(logits.shape[1], device=logits.device)
@@ -116,6 +128,8 @@ def export_model(net: GloroNet, path: str | Path, fmt: str = "onnx", training: d
     frozen = FrozenGloro(net)
     example = torch.rand(2, *net.config["in_shape"], dtype=next(net.parameters()).dtype,
                          device=next(net.parameters()).device)
+    with torch.no_grad():
+        frozen.net(example)  # fills (and so pins) any eval cache the bound did not read
     batch = torch.export.Dim("batch", min=1)
     if fmt == "torch":
         buf = io.BytesIO()

@@ -40,7 +40,8 @@ from ..nn.residual import LiResStack
 from ..nn.sequential import Sequential
 from .registry import create, register, register_resolver
 
-__all__ = ["FAMILIES", "NAMED_VARIANTS", "InputShift", "build_liresnet", "create", "parse_name"]
+__all__ = ["FAMILIES", "NAMED_VARIANTS", "InputShift", "build_liresnet", "build_neck", "build_stem", "create",
+           "parse_name"]
 
 FAMILIES = {"liresnet": {"depth": 18, "width": 256}, "chord": {"depth": 12, "width": 512}}
 NAMED_VARIANTS = (
@@ -106,7 +107,8 @@ def parse_name(name: str) -> tuple[str, int, int]:
     return family, depth, width
 
 
-def _stem(in_channels: int, hw: tuple[int, int], width: int, stem: str, patch_size: int | None, power_iters: int):
+def build_stem(in_channels: int, hw: tuple[int, int], width: int, stem: str, patch_size: int | None, power_iters: int):
+    """The stem conv (see the module docstring): 5×5 stride 2, or patchify for inputs above 64×64."""
     if stem == "auto":
         stem = "conv" if max(hw) <= 64 else "patchify"
     if stem == "conv":
@@ -117,6 +119,21 @@ def _stem(in_channels: int, hw: tuple[int, int], width: int, stem: str, patch_si
             raise ValueError(f"patch_size {p} does not fit inputs of size {hw}")
         return LipConv2d(in_channels, width, p, stride=p, padding="valid", input_size=hw, power_iters=power_iters)
     raise ValueError(f"stem must be 'auto', 'conv' or 'patchify', got {stem!r}")
+
+
+def build_neck(width: int, hw: tuple[int, int], dense_width: int, chord: bool, orth_eps: float = DEFAULT_EPS,
+               power_iters: int = 1) -> list[nn.Module]:
+    """The neck: a 4×4 stride-4 conv ('same'), Flatten, a dense layer to ``dense_width``, MinMax;
+    CHORD's ``Map2Vec`` (``chord=True``: both Cholesky-orthogonalised) or LiResNet's (power-iteration
+    normalised)."""
+    if chord:
+        conv = CholeskyOrthConv2d(width, width, 4, eps=orth_eps, power_iters=power_iters)
+    else:
+        conv = LipConv2d(width, width, 4, stride=4, padding="same", input_size=hw, power_iters=power_iters)
+    oh, ow = conv.output_hw(hw)
+    dense_cls = CholeskyOrthLinear if chord else LipLinear
+    dense_kw = {"eps": orth_eps} if chord else {}
+    return [conv, Flatten(), dense_cls(width * oh * ow, dense_width, power_iters=power_iters, **dense_kw), MinMax()]
 
 
 def build_liresnet(
@@ -169,19 +186,11 @@ def build_liresnet(
         raise ValueError(f"head must be 'lln' or 'linear', got {head!r}")
 
     layers: list[nn.Module] = [InputShift(-0.5)] if center_input else []
-    stem_conv = _stem(c, (h, w), width, stem, patch_size, power_iters)
+    stem_conv = build_stem(c, (h, w), width, stem, patch_size, power_iters)
     layers += [stem_conv, MinMax()]
     hw = stem_conv.output_hw((h, w))
     layers.append(LiResStack(depth, width, hw, kernel_size=kernel_size, centering=centering, power_iters=power_iters))
-    if chord:
-        neck_conv = CholeskyOrthConv2d(width, width, 4, eps=orth_eps, power_iters=power_iters)
-    else:
-        neck_conv = LipConv2d(width, width, 4, stride=4, padding="same", input_size=hw, power_iters=power_iters)
-    oh, ow = neck_conv.output_hw(hw)
-    features = width * oh * ow
-    dense_cls = CholeskyOrthLinear if chord else LipLinear
-    dense_kw = {"eps": orth_eps} if chord else {}
-    layers += [neck_conv, Flatten(), dense_cls(features, dense_width, power_iters=power_iters, **dense_kw), MinMax()]
+    layers += build_neck(width, hw, dense_width, chord, orth_eps, power_iters)
     if dense_depth:
         layers.append(ChordMLP(dense_width, dense_depth, eps=orth_eps, power_iters=power_iters))
     head_cls = LLNLinear if head == "lln" else LipLinear

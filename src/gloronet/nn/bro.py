@@ -18,9 +18,10 @@ zero-padded to the layer's fixed input size ``H × W``; per frequency ``ω`` of 
 block reflector ``Ŵ(ω) = I − 2 V̂ (V̂ᴴV̂ + ε_ω I)⁻¹ V̂ᴴ`` (``ε_ω`` as above, per frequency) is applied to
 ``x̂(ω)``: a *circular* convolution on ``H × W`` whose per-frequency matrices have norm ≤ 1
 (Sedghi et al., ICLR 2019: those are its singular values). The reference zero-pads the input by
-``k // 2`` and crops the output; ours is circular on the input size itself, stride 1 (the
-reference's stride 2 is its space-to-depth; here stride-2 layers are AOL convs). Training runs it
-through differentiable FFTs, as the reference. Eval / certification does NOT trust FFT rounding: the
+``k // 2``, convolves circularly on that larger canvas and crops the output: ours does so with
+``padding=k // 2`` and is circular on the input size itself with ``padding=0`` (the default);
+stride 1 (the reference's stride 2 is its space-to-depth; here stride-2 layers are AOL convs).
+Training runs it through differentiable FFTs, as the reference. Eval / certification does NOT trust FFT rounding: the
 operator is materialised once as a spatial circular-convolution kernel ``K = IDFT(Ŵ)``
 (out × in × H × W), computed in float64 and rounded once to the parameter dtype
 (:class:`~gloronet.nn.state.EvalCache`); the forward pass runs that kernel (circular padding,
@@ -102,22 +103,31 @@ def spatial_kernel(spectrum: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
 
 
 class BROConv2d(LipschitzModule):
-    """BRO convolution (stride 1, circular on the fixed ``input_size``): ``y = Ŵ-map(x) + b``.
+    """BRO convolution (stride 1, circular on the fixed canvas): ``y = crop(Ŵ-map(pad(x))) + b``.
 
     ``V`` is (n × rank × k × k) with ``n = max(in, out)``, ``rank`` default ``n // 2`` (as
     :class:`BROLinear`); ``init="identity"`` (the reference's ``id_init``: ``V`` = the first
-    ``rank`` unit vectors at the centre tap, a 1×1 reflector) or ``"orthogonal"``."""
+    ``rank`` unit vectors at the centre tap, a 1×1 reflector) or ``"orthogonal"``.
+    ``padding = p``: the input is zero-padded by ``p`` on each side, the circular convolution runs
+    on the ``(H + 2p) × (W + 2p)`` canvas and the output is cropped back to ``H × W`` (the
+    reference's ``zero_padding``, ``p = k // 2``: no wrap-around at the borders); ``p = 0``: circular
+    on the input size itself."""
 
     def __init__(self, in_channels: int, out_channels: int, input_size: int | Sequence[int], kernel_size: int = 3,
-                 rank: int | None = None, bias: bool = True, init: str = "identity"):
+                 rank: int | None = None, bias: bool = True, init: str = "identity", padding: int = 0):
         super().__init__()
         hw = (input_size, input_size) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
         if len(hw) != 2 or min(hw) < 1:
             raise ValueError(f"input_size must be (H, W) > 0, got {input_size}")
-        if not 1 <= kernel_size <= min(hw):
-            raise ValueError(f"kernel_size must be in [1, {min(hw)}] (the input size), got {kernel_size}")
+        if int(padding) != padding or padding < 0:
+            raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
+        self.padding = int(padding)
+        canvas = (hw[0] + 2 * self.padding, hw[1] + 2 * self.padding)
+        if not 1 <= kernel_size <= min(canvas):
+            raise ValueError(f"kernel_size must be in [1, {min(canvas)}] (the padded input size), got {kernel_size}")
         self.in_channels, self.out_channels, self.kernel_size = int(in_channels), int(out_channels), int(kernel_size)
         self.input_hw = hw
+        self.canvas_hw = canvas
         n = max(self.in_channels, self.out_channels)
         self.rank = int(max(1, n // 2) if rank is None else rank)
         if not 1 <= self.rank <= n:
@@ -136,16 +146,16 @@ class BROConv2d(LipschitzModule):
 
     # -- the operator -------------------------------------------------------------------------
     def spectrum(self) -> torch.Tensor:
-        """Differentiable half-spectrum ``Ŵ(ω)`` (H, W//2+1, out, in), at least float32."""
+        """Differentiable half-spectrum ``Ŵ(ω)`` (H', W'//2+1, out, in) on the canvas, at least float32."""
         v = self.reflector if self.reflector.dtype in (torch.float32, torch.float64) else self.reflector.float()
         with no_autocast(v.device.type):
-            return bro_spectrum(v, self.input_hw, self.out_channels, self.in_channels)
+            return bro_spectrum(v, self.canvas_hw, self.out_channels, self.in_channels)
 
     def derive_kernel(self) -> torch.Tensor:
-        """The spatial circular kernel (out, in, H, W): computed in float64, rounded once."""
+        """The spatial circular kernel (out, in, H', W') on the canvas: computed in float64, rounded once."""
         v = self.reflector.detach().to(torch.float64)
-        spec = bro_spectrum(v, self.input_hw, self.out_channels, self.in_channels)
-        return spatial_kernel(spec, self.input_hw).to(self.reflector.dtype)
+        spec = bro_spectrum(v, self.canvas_hw, self.out_channels, self.in_channels)
+        return spatial_kernel(spec, self.canvas_hw).to(self.reflector.dtype)
 
     def _applied_kernel(self) -> torch.Tensor:
         return self._eval_kernel.get(self, self.derive_kernel)
@@ -163,13 +173,18 @@ class BROConv2d(LipschitzModule):
         if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != self.input_hw:
             raise ValueError(f"BROConv2d expects (B, {self.in_channels}, {h}, {w}) input (its bound depends on the "
                              f"input size), got shape {tuple(x.shape)}")
+        p, (ch, cw) = self.padding, self.canvas_hw
+        x = F.pad(x, (p, p, p, p)) if p else x  # zeros: exact
         if self.training:
             spec = self.spectrum()
             with no_autocast(x.device.type):  # FFTs and the complex product at float32 at least
                 xf = torch.fft.rfft2(x.to(spec.real.dtype))
-                y = torch.fft.irfft2(torch.einsum("hwoi,bihw->bohw", spec, xf), s=(h, w)).to(x.dtype)
+                y = torch.fft.irfft2(torch.einsum("hwoi,bihw->bohw", spec, xf), s=(ch, cw)).to(x.dtype)
+            y = y[:, :, p:p + h, p:p + w]
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
-        xp = F.pad(x, (0, w - 1, 0, h - 1), mode="circular") if h * w > 1 else x  # exact copies
+        # exact copies: the circular extension, sliced to the windows of the H × W outputs kept
+        xp = F.pad(x, (0, cw - 1, 0, ch - 1), mode="circular") if ch * cw > 1 else x
+        xp = xp[:, :, p:p + h + ch - 1, p:p + w + cw - 1] if p else xp
         k = self._applied_kernel()
         if depthwise.needs_taps(self.in_channels, k.shape, 1, 1):  # 1 channel, 3×3 map: no Winograd
             return depthwise.conv2d_taps(xp, k, self.bias, (0, 0, 0, 0))
@@ -181,13 +196,16 @@ class BROConv2d(LipschitzModule):
         return torch.ones((), dtype=self.reflector.dtype, device=self.reflector.device)
 
     def lipschitz_bound(self) -> float:
-        """``max_ω ‖K̂(ω)‖₂`` of the applied (rounded) kernel, proven
-        (:func:`gloronet.bounds.circular_conv_bound`)."""
+        """``max_ω ‖K̂(ω)‖₂`` of the applied (rounded) kernel on the canvas, proven
+        (:func:`gloronet.bounds.circular_conv_bound`). With padding the layer is
+        ``crop ∘ C ∘ pad``: zero padding is an isometric embedding and the crop a coordinate
+        projection, both of norm ≤ 1, so ``‖crop ∘ C ∘ pad‖ ≤ ‖C‖``."""
         k = self._applied_kernel()
-        return self._eval_kernel.remember(self, "bound", lambda: circular_conv_bound(k, self.input_hw))
+        return self._eval_kernel.remember(self, "bound", lambda: circular_conv_bound(k, self.canvas_hw))
 
     def _abs_norm(self) -> float:
-        """``‖|A|‖₂``: each entry of the circular operator is one kernel entry, so ``|A|`` is the
+        """``‖|A|‖₂``: each entry of the circular operator is one kernel entry (with padding, ``A`` is a
+        submatrix of the canvas operator: ``‖|A|‖ ≤`` the canvas's), so ``|A|`` is the
         circular conv with ``|w|``, of norm ``max_ω ‖|w|^(ω)‖ ≤ ‖Σ_v |w_v|‖₂``
         (:func:`gloronet.bounds.abs_conv2d_norm_bound`'s argument, which holds on the canvas)."""
         k = self._applied_kernel()
@@ -202,4 +220,4 @@ class BROConv2d(LipschitzModule):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
-                f"input_size={self.input_hw}")
+                f"input_size={self.input_hw}" + (f", padding={self.padding}" if self.padding else ""))

@@ -169,6 +169,8 @@ class EvalCache:
     module start with an empty cache.
     """
 
+    _pinned = False  # see pin()
+
     def __init__(self):
         self._entry: tuple[MapState, torch.Tensor, dict] | None = None
 
@@ -178,8 +180,12 @@ class EvalCache:
 
     def get(self, owner: nn.Module, compute) -> torch.Tensor:
         """The cached ``compute()`` while ``owner`` is unchanged; recomputed otherwise. While
-        ``torch.compile`` / ``torch.export`` trace, the graph computes it (no data-dependent check)."""
+        ``torch.compile`` / ``torch.export`` trace, the graph computes it (no data-dependent check) —
+        unless :meth:`pin` was called: then the cached tensor is read as a constant."""
         if is_compiling():
+            entry = self._entry
+            if self._pinned and entry is not None:
+                return entry[1]
             with torch.no_grad():
                 return compute()
         entry = self._current(owner)
@@ -205,5 +211,20 @@ class EvalCache:
     def clear(self) -> None:
         self._entry = None
 
+    def pin(self) -> None:
+        """Traces read the cached tensor as a constant instead of computing it in the graph (an
+        exported program then applies exactly the weight that was bounded, and needs none of the
+        ops that derive it: complex solves, FFTs). For a private copy nothing edits afterwards
+        (the trace cannot check the owner's state); copies start unpinned."""
+        self._pinned = True
+
     def __getstate__(self):
         return {"_entry": None}
+
+
+def eval_caches(module: nn.Module):
+    """Every :class:`EvalCache` held by ``module`` or a submodule."""
+    for m in module.modules():
+        for v in vars(m).values():
+            if isinstance(v, EvalCache):
+                yield v
