@@ -169,7 +169,7 @@ def _recorded_depths():
         fp.gamma = original
 
 
-ARCHITECTURES = ["2c2f", "4c3f", "liresnet-6l32w", "chord-6l32w", "aol-mnist", "sll-mnist", "bro-mnist"]
+ARCHITECTURES = ["2c2f", "4c3f", "liresnet-6l32w", "chord-6l32w", "aol-mnist", "sll-mnist", "bro-mnist", "bronet-mnist"]
 
 
 @pytest.mark.parametrize("mode", ["chunked", "fused"])
