@@ -130,9 +130,12 @@ def test_chunked_kernels_compute_the_same_map():
 
 def test_rounding_depth_values():
     assert accumulate.rounding_depth(10, 10, True) == 11  # short sums are not split
-    assert accumulate.rounding_depth(3136, 3136, True) == 392 + 7 + 1
-    assert accumulate.rounding_depth(64 * 9, 64, False) == 8 * 9 + 7
+    assert accumulate.rounding_depth(3136, 3136, True) == 196 + 15 + 1  # 16 chunks of 196 features
+    assert accumulate.rounding_depth(64 * 9, 64, False) == 4 * 9 + 15  # 16 slices of 4 channels
+    assert accumulate.rounding_depth(32 * 9, 32, False) == 4 * 9 + 8  # ⌈288 / 32⌉ = 9 chunks of ≤ 4 channels
     assert accumulate.chunk_count(4096, 3) == 3  # never more chunks than input slices
+    with accumulate.fused():  # one kernel call: any order
+        assert accumulate.chunk_count(3136, 3136) == 1 and accumulate.rounding_depth(3136, 3136, True) == 3137
 
 
 # --------------------------------------------------------------------------- |W| norms

@@ -190,18 +190,15 @@ class GloroNet(nn.Module):
             bounds = self._fast_bounds(x.device)
             if bounds is None:
                 return self.head(self.body(x))
-            h, shapes = x, []
             with accumulate.fused():
-                for step in bounds.steps:
-                    shapes.append(tuple(h.shape[1:]))
-                    h = step(h)
+                h, norms, shapes = _run_steps(x, bounds.steps, measure=True)
                 logits = self.head(h)
             with torch.no_grad():
                 try:
                     profile = self._profile(bounds, tuple(shapes))
                 except UnboundedLayerError:  # a layer without an error model: the chunked program only
                     return self.head(self.body(x))
-                unsure = radius_mod.fused_may_differ(profile, bounds.D, fp.norm_upper(x), h, logits)
+                unsure = radius_mod.fused_may_differ(profile, bounds.D, norms, h, logits)
             if bool(unsure.any()):
                 rows = unsure.nonzero()[:, 0]
                 logits = logits.index_put((rows,), self.head(self.body(x[rows])))
@@ -379,21 +376,12 @@ class GloroNet(nn.Module):
         device = next(iter(self.parameters())).device
         xc = x.to(device=device, dtype=bounds.dtype, copy=True)
         sound_fp = arithmetic == "float"
-        norms, shapes = [], []
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
             with kernels.sound_kernels(), kernels.no_autocast(device.type), (
                     accumulate.fused() if fused else contextlib.nullcontext()):
-                h, measured = xc, True
-                for step in bounds.steps:
-                    shapes.append(tuple(h.shape[1:]))
-                    if sound_fp:  # ‖input‖ of every step (re-used after steps that never lengthen)
-                        norms.append(fp.norm_upper(h) if measured else norms[-1])
-                        measured = not never_increases_norm(step)
-                    h = step(h)
-                if sound_fp:
-                    norms.append(fp.norm_upper(h) if measured else norms[-1])
+                h, norms, shapes = _run_steps(xc, bounds.steps, measure=sound_fp or fused)
                 logits = self.head(h)
         finally:
             for m, mode in modes:  # restore each module's own mode (not recursively)
@@ -410,10 +398,9 @@ class GloroNet(nn.Module):
                 return self._margin_pass(x, arithmetic, fused=False)  # exact arithmetic needs no error model
         margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile if sound_fp else None, norms, h,
                                            fused_centre=fused)
-        x_norm = norms[0] if sound_fp else fp.norm_upper(xc)
-        unsure = radius_mod.fused_may_differ(profile, bounds.D, x_norm, h, logits) if fused else None
+        unsure = radius_mod.fused_may_differ(profile, bounds.D, norms, h, logits) if fused else None
         # a finite norm bound means every coordinate of the input is finite
-        finite_x = torch.isfinite(x_norm)
+        finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
         finite = torch.isfinite(logits).all(dim=1) & finite_x.to(logits.device) & bool(torch.isfinite(bounds.K).all())
         shift = _cast_shift(x, xc)
 
@@ -444,6 +431,22 @@ class GloroNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
+
+
+def _run_steps(h: torch.Tensor, steps, measure: bool):
+    """``(output, norms, shapes)`` of running the body's ``steps`` on ``h``: the per-example input
+    shape of every step and, with ``measure``, upper bounds of ‖input‖ of every step and of the
+    output (re-used after steps that never lengthen: :func:`never_increases_norm`)."""
+    norms, shapes, measured = [], [], True
+    for step in steps:
+        shapes.append(tuple(h.shape[1:]))
+        if measure:
+            norms.append(fp.norm_upper(h) if measured else norms[-1])
+            measured = not never_increases_norm(step)
+        h = step(h)
+    if measure:
+        norms.append(fp.norm_upper(h) if measured else norms[-1])
+    return h, norms, shapes
 
 
 def _cast_shift(x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor | None:

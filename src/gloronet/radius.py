@@ -116,8 +116,6 @@ class Profile:
     threshold: float  # magnitudes below this cannot overflow
     peak_rel: tuple[float, ...]  # overflow coefficients of the body steps, then the head
     peak_abs: tuple[float, ...]
-    gap_rel: float  # ‖fused body(x) − certified body(x)‖ ≤ gap_rel‖x‖ + gap_abs (both computed)
-    gap_abs: float
 
 
 def make_profile(models, head: Head, dtype, fused=None) -> Profile:
@@ -125,34 +123,49 @@ def make_profile(models, head: Head, dtype, fused=None) -> Profile:
     fused = tuple(models if fused is None else fused)
     if len(fused) != len(models) or any(c.lip != m.lip for c, m in zip(fused, models)):
         raise ValueError("make_profile: the fused pass must run the same steps with the same Lipschitz bounds")
-    whole, whole_fused = fp.compose(models), fp.compose(fused)  # each within rel‖x‖ + abs of the exact body
     prefix, q = [1.0], [0.0]
     for m in models:
         q.append(fp.up(m.lip * q[-1] + m.rel * (prefix[-1] + q[-1])))
         prefix.append(math.nextafter(prefix[-1] * m.lip, math.inf))
     return Profile(tuple(models), fused, tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype),
-                   tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,),
-                   gap_rel=fp.up(whole.rel + whole_fused.rel), gap_abs=fp.up(whole.abs + whole_fused.abs))
+                   tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,))
 
 
-def fused_may_differ(profile: Profile, D: torch.Tensor, x_norm: torch.Tensor, h: torch.Tensor,
+def body_errors(profile: Profile, norms: list[torch.Tensor], fused_centre: bool):
+    """``(Pc_S, P_S, balls)`` of the module docstring at ``r = 0``: the centre's error, the certified
+    program's error bound at ``x`` beyond it, and ``ρ̂_s + Pc_s + P_s`` for ``s = 0..S`` (all (B,)
+    float64, rounded up); ``fused_centre``: the centre errors come from ``profile.fused``."""
+    pc = torch.zeros_like(norms[0], dtype=torch.float64)
+    p = torch.zeros_like(pc)
+    balls = []  # ‖â_s(x')‖ ≤ ball_s + (L_s + Q_s) r
+    for s, (m, c) in enumerate(zip(profile.models, profile.fused if fused_centre else profile.models)):
+        rho = norms[s].to(pc.device)
+        balls.append(rho + pc + p)
+        pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)
+    balls.append(norms[-1].to(pc.device) + pc + p)
+    return pc, p, balls
+
+
+def fused_may_differ(profile: Profile, D: torch.Tensor, norms: list[torch.Tensor], h: torch.Tensor,
                      logits: torch.Tensor) -> torch.Tensor:
     """(B,) True where the certified program's prediction at ``x`` may differ from ``argmax`` of
-    ``logits``, the fused pass's logits at ``x`` (``h`` its head input, ``x_norm ≥ ‖x‖``).
+    ``logits``, the fused pass's logits at ``x`` (``h`` its head input, ``norms`` as in
+    :func:`margin_bounds`, measured in the fused pass).
 
-    Both bodies lie within ``rel‖x‖ + abs`` of the exact one (composed models), so
-    ``‖ĥ_F − ĥ_C‖ ≤ δ = gap_rel‖x‖ + gap_abs``. The two heads err from ``y(ĥ)`` by at most
-    ``γ(‖w_k‖‖ĥ‖ + |b_k|) + (1+γ)λ(√n‖ĥ‖ + ‖w_k‖₁ + 2(n+1))`` each (``‖ĥ‖ ≤ ‖ĥ_F‖ + δ``;
+    At ``r = 0`` (:func:`body_errors` with the fused centre) the fused body output lies within
+    ``Pc`` of the exact one and the certified program's within ``Pc + P`` of the fused one, so
+    ``‖ĥ_F − ĥ_C‖ ≤ δ = Pc + P``. The two heads err from ``y(ĥ)`` by at most
+    ``γ(‖w_k‖‖ĥ‖ + |b_k|) + (1+γ)λ(√n‖ĥ‖ + ‖w_k‖₁ + 2(n+1))`` each (``‖ĥ‖ ≤ ρ̂_S + δ`` for both;
     ``γ_F ≥ γ_C``), so the certified margin ``ŷ^C_j − ŷ^C_i ≥ ŷ^F_j − ŷ^F_i − D_ji δ − E_j − E_i``
-    with ``E_k = (γ_F + γ_C)(‖w_k‖(‖ĥ_F‖ + δ) + |b_k|) + 2(1+γ_F)(λ-terms)``. Where that is positive
+    with ``E_k = (γ_F + γ_C)(‖w_k‖(ρ̂_S + δ) + |b_k|) + 2(1+γ_F)(λ-terms)``. Where that is positive
     for every ``i ≠ j = argmax ŷ^F``, the certified program predicts ``j`` strictly; elsewhere
     (and for non-finite values) the row is flagged."""
     hd = profile.head
     y = logits.detach().to(torch.float64)
     dev = y.device
-    hn = fp.norm_upper(h)
-    delta = _up(profile.gap_rel * x_norm.to(dev) + profile.gap_abs)
-    size = _up(hn + delta)[:, None]
+    pc, p, balls = body_errors(profile, norms, fused_centre=True)
+    delta = _up(pc + p).to(dev)
+    size = _up(balls[-1].to(dev))[:, None]  # ρ̂_S + Pc + P ≥ ‖ĥ‖ of both passes
     reach = _up(hd.row_norm.to(dev)[None, :] * size + hd.bias.abs().to(dev)[None, :])
     lam = _up(hd.lam_rel * size + hd.lam_abs.to(dev)[None, :])
     err = _up((hd.fused_gamma + hd.gamma) * reach + 2 * (1 + hd.fused_gamma) * lam)  # (B, C) E_k
@@ -222,16 +235,9 @@ def margin_bounds(
     B, dev = y.shape[0], y.device
     if profile is None:
         return MarginBounds(y=y, K=K, cap=torch.full((B,), math.inf, dtype=torch.float64, device=dev))
-    pc = torch.zeros(B, dtype=torch.float64, device=dev)
-    p = torch.zeros_like(pc)
-    balls = []  # ‖â_s(x')‖ ≤ ball_s + (L_s + Q_s) r
-    for s, (m, c) in enumerate(zip(profile.models, profile.fused if fused_centre else profile.models)):
-        rho = norms[s].to(dev)
-        balls.append(rho + pc + p)
-        pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)
+    pc, p, balls = body_errors(profile, [n.to(dev) for n in norms], fused_centre)
     hd = profile.head
     rho = norms[-1].to(dev)
-    balls.append(rho + pc + p)
     grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
     column = lambda v: torch.tensor(v, dtype=torch.float64, device=dev)[:, None]  # noqa: E731
     cap = _overflow_radius(column(profile.peak_rel), column(profile.peak_abs), torch.stack(balls),

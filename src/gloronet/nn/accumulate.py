@@ -3,12 +3,13 @@
 A dense layer or convolution output is a sum of ``n`` products. Summed by a BLAS / oneDNN /
 cuBLAS kernel in an unknown order, a term may pass through up to ``n`` roundings, so the only
 sound error bound is ``γ_n Σ|w_t a_t|`` (:mod:`gloronet.fp`) — ``3·10⁻⁴`` relative for a 3136-term
-float32 sum, which costs certified radius. In eval mode the layers therefore split the sum into
-``m ≤ 8`` chunks of ``≤ ⌈n/m⌉`` terms (slices of the input features / input channels), let the
-kernel sum each chunk in any order, and add the ``m`` partial results one by one:
-every term then passes through at most ``⌈n/m⌉ + m − 1`` roundings (``+1`` for the bias), about
-``n/8`` instead of ``n``. Same products, same FLOPs, but more, smaller kernel calls: 0.6–0.8x the
-speed of one call on the CPU (benchmarks/certify_price.py). Training keeps the single fused kernel.
+float32 sum, which costs certified radius. The certified program (eval mode) therefore splits the
+sum into ``m ≤ min(16, ⌈n/32⌉)`` chunks of ``≤ ⌈n/m⌉`` terms (slices of the input features /
+input channels), lets the kernel sum each chunk in any order, and adds the ``m`` partial results
+one by one: every term then passes through at most ``⌈n/m⌉ + m − 1`` roundings (``+1`` for the
+bias), about ``n/16`` instead of ``n``. Same products, same FLOPs, but more, smaller kernel calls —
+so :class:`gloronet.GloroNet` runs it only where its fused pass cannot vouch for the answer
+(``benchmarks/certify_price.py`` measures both). Training keeps the single fused kernel.
 
 Inside :func:`fused` (per thread) the same functions run the one fused kernel call and
 :func:`rounding_depth` reports its depth, ``n`` (+1 for the bias): the fast pass of
@@ -24,8 +25,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-MIN_CHUNK = 64  # sums of at most this many terms are not split
-MAX_CHUNKS = 8
+MIN_CHUNK = 32  # an n-term sum splits into at most ⌈n / MIN_CHUNK⌉ chunks (no split up to this many)
+MAX_CHUNKS = 16
 _mode = threading.local()
 
 

@@ -15,7 +15,7 @@ the error model then all read one cached kernel (:class:`gloronet.nn.state.EvalC
 
 Rounding: each output sums ``n = (C_in/groups)·k²`` products, in eval mode in chunks of input
 channels (:mod:`gloronet.nn.accumulate`), then the bias is added: every term is rounded at most
-``d ≈ n/8`` times and ``‖ŷ − y‖ ≤ γ_d(‖|A|‖₂‖x‖ + ‖b‖)`` with ``‖|A|‖₂`` from
+``d ≈ n/16`` times and ``‖ŷ − y‖ ≤ γ_d(‖|A|‖₂‖x‖ + ‖b‖)`` with ``‖|A|‖₂`` from
 :func:`gloronet.bounds.abs_conv2d_norm_bound` (:func:`gloronet.fp.dot_product_model`).
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Estimate: warm-started power iteration on ``W`` (one step per training call).
 Bound: ``‖W‖₂`` from the exact eigenvalue of the Gram matrix in float64, rounded up.
 Rounding: in eval mode every output is summed in chunks (:mod:`gloronet.nn.accumulate`), each
-term rounded at most ``d ≈ n/8`` times, so ``‖ŷ − y‖ ≤ γ_d(‖|W|‖₂‖x‖ + ‖b‖)``
+term rounded at most ``d ≈ n/16`` times, so ``‖ŷ − y‖ ≤ γ_d(‖|W|‖₂‖x‖ + ‖b‖)``
 (:func:`gloronet.fp.dot_product_model`).
 
 Subclasses whose weight is *derived* from the parameters (``LLNLinear``) override
