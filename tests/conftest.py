@@ -134,3 +134,21 @@ def load_benchmark(name: str):
     module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
     spec.loader.exec_module(module)
     return module
+
+
+def half_scale_without_error_model():
+    """``x ↦ x/2`` with a proven Lipschitz bound but no floating-point error model: a net holding it
+    certifies in exact arithmetic only."""
+    import gloronet
+
+    class Scale(gloronet.nn.LipschitzModule):
+        def forward(self, x):
+            return 0.5 * x
+
+        def lipschitz(self):
+            return torch.tensor(0.5)
+
+        def lipschitz_bound(self):
+            return 0.5
+
+    return Scale()

@@ -20,6 +20,8 @@ from gloronet.certify import certify_dataset
 from gloronet.models.liresnet import InputShift
 from gloronet.nn import Flatten, LiResBlock, LiResStack, LipConv2d, LipLinear, MinMax, Normalize, Sequential
 
+from conftest import half_scale_without_error_model
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 D = torch.float64
 
@@ -331,17 +333,7 @@ def test_liresblock_with_a_foreign_activation_is_refused():
 
 
 def test_unknown_layer_without_error_model_certifies_only_in_exact_mode():
-    class Scale(gloronet.nn.LipschitzModule):
-        def forward(self, x):
-            return 0.5 * x
-
-        def lipschitz(self):
-            return torch.tensor(0.5)
-
-        def lipschitz_bound(self):
-            return 0.5
-
-    net = gloronet.GloroNet(Sequential(Flatten(), Scale()), LipLinear(4, 3), 0.1)
+    net = gloronet.GloroNet(Sequential(Flatten(), half_scale_without_error_model()), LipLinear(4, 3), 0.1)
     x = torch.randn(3, 4)
     assert net.certify(x, arithmetic="exact").radius.shape == (3,)
     with pytest.raises(gloronet.UnboundedLayerError, match="error model"):

@@ -22,6 +22,8 @@ from gloronet import fp, kernels
 from gloronet.nn import Flatten, LipLinear, MinMax, Sequential, accumulate
 from gloronet.nn.base import body_steps, error_model_of
 
+from conftest import half_scale_without_error_model
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -133,17 +135,8 @@ def test_clear_points_run_fused_kernels_only_and_unsure_rows_are_replayed():
 
 
 def test_a_net_without_error_models_runs_the_certified_program():
-    class Scale(gloronet.nn.LipschitzModule):
-        def forward(self, x):
-            return 0.5 * x
-
-        def lipschitz(self):
-            return torch.tensor(0.5)
-
-        def lipschitz_bound(self):
-            return 0.5
-
-    net = gloronet.GloroNet(Sequential(Flatten(), LipLinear(512, 4), Scale()), LipLinear(4, 3), 0.1).eval()
+    net = gloronet.GloroNet(Sequential(Flatten(), LipLinear(512, 4), half_scale_without_error_model()), LipLinear(4, 3),
+                            0.1).eval()
     x = torch.rand(5, 512, generator=_gen(4))
     with torch.no_grad():
         assert torch.equal(net(x), _chunked(net, x))
