@@ -95,6 +95,47 @@ def test_eval_forward_predicts_the_certified_program_near_ties():
     assert (~kept).any() and kept.any()
 
 
+def _cancelling_net(where: str, n: int = 2048) -> gloronet.GloroNet:
+    """A ``2n``-term layer with weights ``[A, −A + 10⁻³B]`` — in the body (``where="body"``) or as
+    the head — applied to inputs ``[u, u]``: the terms cancel, so the fused and the chunked sums
+    round differently by far more than the outputs' size suggests."""
+    torch.manual_seed(0)
+    wide = LipLinear(2 * n, 8 if where == "body" else 3)
+    body = Sequential(Flatten(), wide) if where == "body" else Sequential(Flatten())
+    head = LipLinear(8, 3) if where == "body" else wide
+    g = _gen(8)
+    with torch.no_grad():
+        a = torch.randn(wide.out_features, n, generator=g)
+        wide.weight.copy_(torch.cat([a, -a + 1e-3 * torch.randn(wide.out_features, n, generator=g)], 1))
+        wide.bias.zero_()
+    return gloronet.GloroNet(body, head, 0.1).eval()
+
+
+@pytest.mark.parametrize("where", ["body", "head"])
+def test_the_guard_accounts_for_both_programs_rounding(where):
+    """Near the fused decision boundary of a cancelling layer, fused and chunked predictions differ
+    by the rounding of the body (the gap ``δ``) or of the head (``γ_F``): the eval forward must
+    still return the chunked program's class. A guard without either term fails one of these."""
+    net = _cancelling_net(where)
+    g = _gen(9)
+    u1, u2 = torch.rand(200, 2048, generator=g) * 100, torch.rand(200, 2048, generator=g) * 100
+    a, b = torch.cat([u1, u1], 1), torch.cat([u2, u2], 1)
+    keep = _fused(net, a).argmax(1) != _fused(net, b).argmax(1)
+    a, b = a[keep].double(), b[keep].double()
+    pa = _fused(net, a.float()).argmax(1)
+    lo, hi = torch.zeros(len(a), dtype=torch.float64), torch.ones(len(a), dtype=torch.float64)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        same = _fused(net, (a + mid[:, None] * (b - a)).float()).argmax(1) == pa
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    x = torch.cat([(a + t.clamp(0, 1)[:, None] * (b - a)).float()
+                   for k in range(4, 30, 2) for t in (lo - 2.0**-k, hi + 2.0**-k)])
+    chunked = _chunked(net, x).argmax(1)
+    assert (_fused(net, x).argmax(1) != chunked).sum() > 10, "construction too weak"
+    with torch.no_grad():
+        assert torch.equal(net(x).argmax(1), chunked)
+
+
 class _KernelCalls(TorchFunctionMode):
     """Records every sum-of-products kernel call: ``(name, terms summed per output)``."""
 
