@@ -35,7 +35,7 @@ from table_rows import REPO, _device_name  # noqa: E402
 from throughput import images_per_s  # noqa: E402
 
 TASKS = {"fashion-mnist-0.3": "fashion-mnist-2c2f-eps0.3.yaml", "mnist-1.58": "mnist-4c3f-eps1.58.yaml"}
-MODELS = ["2c2f", "4c3f", "liresnet-6l32w", "chord-6l32w", "aol-mnist", "sll-mnist", "bro-mnist"]
+MODELS = ["2c2f", "4c3f", "liresnet-6l32w", "chord-6l32w", "aol-mnist", "sll-mnist", "bro-mnist", "bronet-mnist"]
 MODEL_ARGS = {"liresnet-6l32w": {"dense_width": 256}, "chord-6l32w": {"dense_width": 256}}
 SYNTHETIC_SHAPE = (3, 32, 32)
 COLUMNS = [("clean", "clean %", 100), ("vra", "VRA fp-sound %", 100), ("vra_exact", "VRA exact %", 100),
