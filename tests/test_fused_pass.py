@@ -47,19 +47,25 @@ def _long_sums_net(seed: int = 0, n: int = 4096) -> gloronet.GloroNet:
     return net.eval()
 
 
-def _near_ties(net, n_pairs: int, seed: int, dim: int = 4096) -> torch.Tensor:
-    """Points bisected (48 bits) onto the fused program's decision boundary between random pairs
-    with different fused predictions, and ±1-ulp moves of random coordinates around them."""
-    g = _gen(seed)
-    a, b = torch.rand(n_pairs, dim, generator=g), torch.rand(n_pairs, dim, generator=g)
+def _boundary(net, a: torch.Tensor, b: torch.Tensor, bits: int):
+    """``(a, b, lo, hi)`` (float64) for the pairs whose fused predictions differ: ``a + t(b − a)``
+    keeps ``a``'s fused class at ``t = lo`` and not at ``hi = lo + 2^-bits`` (bisection)."""
     keep = _fused(net, a).argmax(1) != _fused(net, b).argmax(1)
     a, b = a[keep].double(), b[keep].double()
     pa = _fused(net, a.float()).argmax(1)
     lo, hi = torch.zeros(len(a), dtype=torch.float64), torch.ones(len(a), dtype=torch.float64)
-    for _ in range(48):
+    for _ in range(bits):
         mid = (lo + hi) / 2
         same = _fused(net, (a + mid[:, None] * (b - a)).float()).argmax(1) == pa
         lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    return a, b, lo, hi
+
+
+def _near_ties(net, n_pairs: int, seed: int, dim: int = 4096) -> torch.Tensor:
+    """Points bisected (48 bits) onto the fused program's decision boundary between random pairs
+    with different fused predictions, and ±1-ulp moves of random coordinates around them."""
+    g = _gen(seed)
+    a, b, lo, hi = _boundary(net, torch.rand(n_pairs, dim, generator=g), torch.rand(n_pairs, dim, generator=g), 48)
     base = torch.cat([(a + lo[:, None] * (b - a)).float(), (a + hi[:, None] * (b - a)).float()])
     moves = [base]
     for _ in range(6):
@@ -119,15 +125,7 @@ def test_the_guard_accounts_for_both_programs_rounding(where):
     net = _cancelling_net(where)
     g = _gen(9)
     u1, u2 = torch.rand(200, 2048, generator=g) * 100, torch.rand(200, 2048, generator=g) * 100
-    a, b = torch.cat([u1, u1], 1), torch.cat([u2, u2], 1)
-    keep = _fused(net, a).argmax(1) != _fused(net, b).argmax(1)
-    a, b = a[keep].double(), b[keep].double()
-    pa = _fused(net, a.float()).argmax(1)
-    lo, hi = torch.zeros(len(a), dtype=torch.float64), torch.ones(len(a), dtype=torch.float64)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        same = _fused(net, (a + mid[:, None] * (b - a)).float()).argmax(1) == pa
-        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    a, b, lo, hi = _boundary(net, torch.cat([u1, u1], 1), torch.cat([u2, u2], 1), 40)
     x = torch.cat([(a + t.clamp(0, 1)[:, None] * (b - a)).float()
                    for k in range(4, 30, 2) for t in (lo - 2.0**-k, hi + 2.0**-k)])
     chunked = _chunked(net, x).argmax(1)
