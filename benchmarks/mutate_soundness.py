@@ -185,7 +185,7 @@ MUTANTS = [
      "self.out_channels, self.in_channels), self.input_hw), self.input_hw))", "BRO conv: bound of the unrounded float64 kernel"),
     (BRO, "lambda: circular_conv_bound(k, self.input_hw))", "lambda: 1.0)", "BRO conv: bound 1 by construction"),
     # ---- issue 18: the fused eval pass and its guard
-    (GL, "                                           fused_centre=fused)", "                                           fused_centre=False)",
+    (GL, "radius_mod.body_errors(profile, norms, fused_centre=fused)", "radius_mod.body_errors(profile, norms, fused_centre=False)",
      "fused centre analysed with the chunked models"),
     (RA, "    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta))",
      "    return torch.zeros_like(pred, dtype=torch.bool)", "guard: the fused prediction always trusted"),

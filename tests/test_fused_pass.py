@@ -178,7 +178,12 @@ def test_a_net_without_error_models_runs_the_certified_program():
                             0.1).eval()
     x = torch.rand(5, 512, generator=_gen(4))
     with torch.no_grad():
-        assert torch.equal(net(x), _chunked(net, x))
+        want = _chunked(net, x)
+        assert torch.equal(net(x), want)
+        with _KernelCalls() as rec:  # the next call knows: no fused pass first
+            again = net(x)
+    assert torch.equal(again, want)
+    assert ("linear", 512) not in rec.calls and ("linear", 32) in rec.calls
 
 
 # --------------------------------------------------------------------------- kernel structure
@@ -236,27 +241,27 @@ def test_every_kernel_call_sums_within_the_depth_its_error_model_assumes(name, m
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_the_centre_is_analysed_with_the_models_of_the_kernels_that_computed_it(monkeypatch, fast):
-    """Every ``margin_bounds`` of a float certificate takes its centre error from the error models
-    of the kernels the pass at ``x`` actually ran: fused (one 4096-term call) or chunked."""
+    """Every float certificate (and the guard) takes its centre error (:func:`radius.body_errors`,
+    where the centre's models are chosen) from the error models of the kernels the pass at ``x``
+    actually ran: fused (one 4096-term call) or chunked."""
     net = _long_sums_net()
     x = torch.cat([_near_ties(net, 8, seed=6), _clear_points(net, 8, seed=7)])
     seen = []
-    original = gloronet.radius.margin_bounds
+    original = gloronet.radius.body_errors
     rec = _KernelCalls()
 
-    def spy(*args, **kwargs):
+    def spy(profile, norms, fused_centre):
         widest = max((t for name, t in rec.calls if name in ("linear", "conv2d")), default=0)
-        seen.append((kwargs.get("fused_centre", False), widest))
+        seen.append((fused_centre, widest))
         rec.calls.clear()
-        return original(*args, **kwargs)
+        return original(profile, norms, fused_centre)
 
-    monkeypatch.setattr(gloronet.radius, "margin_bounds", spy)
+    monkeypatch.setattr(gloronet.radius, "body_errors", spy)
     with rec:
         cert = net.certify(x, epsilon=0.01, fast=fast)
-    profiled = [(f, w) for f, w in seen if w]  # calls after a pass (the exact-radius helper runs none)
-    assert profiled and all(f == (w == 4096) for f, w in profiled), profiled
-    assert any(f for f, _ in profiled) == fast
-    assert len(profiled) == (2 if fast else 1)  # the near ties were measured again by the certified program
+    assert seen and all(f == (w == 4096) for f, w in seen), seen
+    assert any(f for f, _ in seen) == fast
+    assert len(seen) == (2 if fast else 1)  # the near ties were measured again by the certified program
     assert cert.radius.shape == (len(x),)
 
 

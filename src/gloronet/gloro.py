@@ -139,6 +139,7 @@ class _Bounds:
     K: torch.Tensor  # (C, C) L·D rounded up, diagonal 0
     head: radius_mod.Head
     profiles: dict = field(default_factory=dict)  # input shapes -> radius.Profile
+    fused_ok: bool = True  # False once a step turned out to have no error model (the eval forward then runs chunked)
 
 
 ARITHMETIC = ("float", "exact")
@@ -197,8 +198,10 @@ class GloroNet(nn.Module):
                 try:
                     profile = self._profile(bounds, tuple(shapes))
                 except UnboundedLayerError:  # a layer without an error model: the chunked program only
+                    bounds.fused_ok = False  # (remembered with the bounds: no fused pass wasted next time)
                     return self.head(self.body(x))
-                unsure = radius_mod.fused_may_differ(profile, bounds.D, norms, h, logits)
+                errors = radius_mod.body_errors(profile, norms, fused_centre=True)
+                unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits)
             if bool(unsure.any()):
                 rows = unsure.nonzero()[:, 0]
                 logits = logits.index_put((rows,), self.head(self.body(x[rows])))
@@ -210,9 +213,10 @@ class GloroNet(nn.Module):
         if kernels.environment_problem(device.type):
             return None
         try:
-            return self._sound_bounds()
+            bounds = self._sound_bounds()
         except (UnboundedLayerError, ValueError):
             return None
+        return bounds if bounds.fused_ok else None
 
     # -- training: differentiable estimates ------------------------------------------------------
     def pairwise_lipschitz(self) -> torch.Tensor:
@@ -396,9 +400,10 @@ class GloroNet(nn.Module):
                 if sound_fp:
                     raise
                 return self._margin_pass(x, arithmetic, fused=False)  # exact arithmetic needs no error model
+        errors = None if profile is None else radius_mod.body_errors(profile, norms, fused_centre=fused)  # once, for both
         margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile if sound_fp else None, norms, h,
-                                           fused_centre=fused)
-        unsure = radius_mod.fused_may_differ(profile, bounds.D, norms, h, logits) if fused else None
+                                           fused_centre=fused, errors=errors)
+        unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits) if fused else None
         # a finite norm bound means every coordinate of the input is finite
         finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
         finite = torch.isfinite(logits).all(dim=1) & finite_x.to(logits.device) & bool(torch.isfinite(bounds.K).all())

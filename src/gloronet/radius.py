@@ -146,11 +146,10 @@ def body_errors(profile: Profile, norms: list[torch.Tensor], fused_centre: bool)
     return pc, p, balls
 
 
-def fused_may_differ(profile: Profile, D: torch.Tensor, norms: list[torch.Tensor], h: torch.Tensor,
-                     logits: torch.Tensor) -> torch.Tensor:
+def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Tensor) -> torch.Tensor:
     """(B,) True where the certified program's prediction at ``x`` may differ from ``argmax`` of
-    ``logits``, the fused pass's logits at ``x`` (``h`` its head input, ``norms`` as in
-    :func:`margin_bounds`, measured in the fused pass).
+    ``logits``, the fused pass's logits at ``x``; ``errors`` is :func:`body_errors` of that pass
+    (its measured norms, ``fused_centre=True``).
 
     At ``r = 0`` (:func:`body_errors` with the fused centre) the fused body output lies within
     ``Pc`` of the exact one and the certified program's within ``Pc + P`` of the fused one, so
@@ -163,7 +162,7 @@ def fused_may_differ(profile: Profile, D: torch.Tensor, norms: list[torch.Tensor
     hd = profile.head
     y = logits.detach().to(torch.float64)
     dev = y.device
-    pc, p, balls = body_errors(profile, norms, fused_centre=True)
+    pc, p, balls = errors
     delta = _up(pc + p).to(dev)
     size = _up(balls[-1].to(dev))[:, None]  # ρ̂_S + Pc + P ≥ ‖ĥ‖ of both passes
     reach = _up(hd.row_norm.to(dev)[None, :] * size + hd.bias.abs().to(dev)[None, :])
@@ -226,16 +225,18 @@ def margin_bounds(
     norms: list[torch.Tensor] | None = None,
     head_input: torch.Tensor | None = None,
     fused_centre: bool = False,
+    errors=None,
 ) -> MarginBounds:
     """The :class:`MarginBounds` of one batch; ``profile=None`` for exact arithmetic (the computed
     logits, no rounding allowance). ``norms[s]`` (B,) bounds ``‖ĉ_s‖`` for ``s = 0..S`` and
     ``head_input`` is ``ĉ_S`` (see the module docstring); ``fused_centre``: the centre was computed
-    with fused kernels (its errors from ``profile.fused``), else by the certified program."""
+    with fused kernels (its errors from ``profile.fused``), else by the certified program;
+    ``errors``: :func:`body_errors` of the same, if already computed."""
     y = logits.detach().to(torch.float64)
     B, dev = y.shape[0], y.device
     if profile is None:
         return MarginBounds(y=y, K=K, cap=torch.full((B,), math.inf, dtype=torch.float64, device=dev))
-    pc, p, balls = body_errors(profile, [n.to(dev) for n in norms], fused_centre)
+    pc, p, balls = errors if errors is not None else body_errors(profile, [n.to(dev) for n in norms], fused_centre)
     hd = profile.head
     rho = norms[-1].to(dev)
     grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
