@@ -273,3 +273,27 @@ def test_the_gpu_price_benchmark_runs_end_to_end_on_the_cpu(capsys):
     table = capsys.readouterr().out
     for row in ("plain fp32 (cuDNN, TF32)", "plain fp32 IEEE, no cuDNN", "net(x)", "certify fast=False"):
         assert f"| {row} |" in table
+
+
+@pytest.mark.parametrize("change", ["max_chunks", "fused_context"])
+def test_cached_bounds_follow_the_chunking_of_the_certified_program(monkeypatch, change):
+    """The head's depth and the profiles are cached with the bounds; changing what decides the
+    chunks (``accumulate.MAX_CHUNKS``, or certifying inside ``accumulate.fused()``, where the eval
+    forward itself runs fused) must rebuild them: a certificate analysed with the old, shorter
+    depth would be too large."""
+    net = _long_sums_net()
+    x = _clear_points(net, 4, seed=10)
+    net.certify(x)
+    before = net._sound_bounds()
+    ctx = contextlib.nullcontext()
+    if change == "max_chunks":
+        monkeypatch.setattr(accumulate, "MAX_CHUNKS", 1)
+    else:
+        ctx = accumulate.fused()
+    with ctx:
+        net.certify(x)
+        after = net._sound_bounds()
+        profile = next(iter(after.profiles.values()))
+    assert after is not before and after.chunking != before.chunking
+    assert profile.models[1].rel == profile.fused[1].rel  # the certified program is the fused one now
+    assert after.head.gamma == after.head.fused_gamma

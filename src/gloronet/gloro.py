@@ -132,6 +132,7 @@ class _Bounds:
 
     state: MapState
     dtype: torch.dtype
+    chunking: tuple  # accumulate.chunking(): the certified program's sums (head depth, profiles) depend on it
     steps: list[nn.Module]  # the body's leaf layers, in order
     lips: list[float]  # their Lipschitz bounds
     L: float
@@ -261,7 +262,9 @@ class GloroNet(nn.Module):
         dtype = self._model_dtype()
         kernels.check_environment(next(iter(self.parameters())).device.type)
         cache = self._bound_cache
-        if cache is not None and cache.dtype == dtype and cache.state.matches(self.body, self.head):
+        chunking = accumulate.chunking()
+        if (cache is not None and cache.dtype == dtype and cache.chunking == chunking
+                and cache.state.matches(self.body, self.head)):
             return cache
         state = MapState(self.body, self.head)
         with torch.no_grad():
@@ -273,7 +276,7 @@ class GloroNet(nn.Module):
             K = torch.nextafter(D * L, torch.full_like(D, math.inf))  # product rounded up
             K.fill_diagonal_(0.0)
         head = radius_mod.Head.build(w, b, depth, dtype)
-        self._bound_cache = _Bounds(state, dtype, steps, lips, L, D, K, head)
+        self._bound_cache = _Bounds(state, dtype, chunking, steps, lips, L, D, K, head)
         return self._bound_cache
 
     def _profile(self, bounds: _Bounds, shapes: tuple) -> radius_mod.Profile:

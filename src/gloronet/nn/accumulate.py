@@ -47,6 +47,12 @@ def is_fused() -> bool:
     return getattr(_mode, "fused", False)
 
 
+def chunking() -> tuple[int, int, bool]:
+    """``(MAX_CHUNKS, MIN_CHUNK, is_fused())`` on this thread: everything :func:`chunk_count` reads,
+    so caches of rounding depths and error models are keyed on it."""
+    return MAX_CHUNKS, MIN_CHUNK, is_fused()
+
+
 def chunk_count(n_terms: int, splittable: int) -> int:
     """Number of chunks for an ``n_terms``-term sum whose input splits into ``splittable`` slices
     (features of a dense layer, input channels of a convolution); 1 inside :func:`fused`."""
