@@ -5,6 +5,7 @@ relaxed certificate answers ``.pred`` / ``.certified`` like an ordinary one."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 
@@ -56,6 +57,12 @@ def test_nan_pixels_empty_inputs_and_uint8_read_well(run):
     x = torch.rand(4, 1, 28, 28)
     x[2, 0, 5, 5] = float("nan")
     assert net.out_of_range(x) == "inputs hold NaN or Inf values (1 of 4 examples): such inputs never certify"
+    inf = x.nan_to_num(0.5)
+    inf[1, 0, 0, 0] = float("inf")  # an infinity alone, also where the known range is unbounded
+    net.input_range, known = (-math.inf, math.inf), net.input_range
+    assert net.out_of_range(inf) == "inputs hold NaN or Inf values (1 of 4 examples): such inputs never certify"
+    net.input_range = known
+    assert net.out_of_range(inf.clamp(0, 1)) is None
     with pytest.raises(ValueError, match=r"certify_dataset: inputs hold NaN or Inf values \(1 of 4 examples\)"):
         certify_dataset(net, x, torch.zeros(4, dtype=torch.long))
     with pytest.warns(UserWarning, match="NaN or Inf"):

@@ -428,12 +428,12 @@ class GloroNet(nn.Module):
         if self.input_range is None or not torch.is_tensor(x) or not x.is_floating_point() or x.numel() == 0:
             return None
         lo, hi = self.input_range
+        x_lo, x_hi = (float(v) for v in torch.aminmax(x.detach()))  # NaN propagates
+        if math.isfinite(x_lo) and math.isfinite(x_hi) and lo <= x_lo and x_hi <= hi:
+            return None  # one pass over x in the common case
         rows = torch.isfinite(x.detach().reshape(len(x) if x.dim() > 1 else 1, -1)).all(dim=1)
         if not bool(rows.all()):
             return f"inputs hold NaN or Inf values ({int((~rows).sum())} of {len(rows)} examples): such inputs never certify"
-        x_lo, x_hi = (float(v) for v in torch.aminmax(x.detach()))
-        if lo <= x_lo and x_hi <= hi:
-            return None
         return (f"inputs span [{x_lo:.4g}, {x_hi:.4g}] but the model was trained on inputs in [{lo:g}, {hi:g}]"
                 + (" (divide 0..255 pixels by 255)" if x_hi > 2 * hi > 0 else ""))
 
