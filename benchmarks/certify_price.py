@@ -11,7 +11,8 @@ For each trained run directory (or a synthetic LiResNet at CIFAR shape with ``--
   predictions are those of the certified program with chunked sums, :mod:`gloronet.nn.accumulate`)
   and vs a plain twin — the same layer shapes as ordinary ``nn.Conv2d`` / ``nn.Linear`` + MinMax
   (``throughput.plain_twin``) — and of the chunked program itself and ``certify(x, fast=False)``;
-  same batches, interleaved rounds, best of ``--repeats``.
+  same batches, interleaved rounds, best of ``--repeats``; freed memory is reused as by the ``gloronet``
+  command (:mod:`gloronet.allocator`; ``GLORONET_SYSTEM_MALLOC=1`` measures glibc's default).
 
     GLORONET_DATA=../shared/data python benchmarks/certify_price.py runs/price/mnist-2c2f-... [--limit N]
     python benchmarks/certify_price.py --liresnet --limit 512
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import plain_twin  # noqa: E402
 
 from gloronet import models  # noqa: E402
+from gloronet.allocator import reuse_freed_memory  # noqa: E402
 from gloronet.checkpoint import load_model  # noqa: E402
 from gloronet import kernels  # noqa: E402
 from gloronet.data import load_dataset  # noqa: E402
@@ -120,6 +122,7 @@ def main() -> None:
         accumulate.MAX_CHUNKS = args.max_chunks
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = reuse_freed_memory()  # as the gloronet command does (GLORONET_SYSTEM_MALLOC=1: glibc's default)
     rows = []
     for run in args.runs:
         net = load_model(run)
@@ -129,7 +132,7 @@ def main() -> None:
     if args.liresnet:
         rows.append(_run(*_synthetic_liresnet(args.limit, args.train_steps), args.batch, args.repeats))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}, "
-          f"at most {accumulate.MAX_CHUNKS} chunks per sum\n")
+          f"at most {accumulate.MAX_CHUNKS} chunks per sum, malloc {'reusing freed memory' if tuned else 'glibc default'}\n")
     print("| model | n | ε | VRA exact-arith. % | VRA fp-sound % | lost (points) | VRA fast=False % | median radius lost "
           "| plain twin img/s | net(x) / plain | certify / plain | chunked program / plain | certify fast=False / plain "
           "| exact certify / plain |")

@@ -47,7 +47,7 @@ def _digest(folder) -> dict:
 
 @pytest.fixture
 def shipped(package, monkeypatch, tmp_path, data_dir):  # noqa: F811
-    monkeypatch.setattr(gloronet.pretrained, "MODELS_DIR", package)
+    monkeypatch.setattr(gloronet.pretrained.registry, "MODELS_DIR", package)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # no PNGs: where the files go is the point here
     monkeypatch.setenv("GLORONET_DATA", str(data_dir))
     monkeypatch.chdir(tmp_path)

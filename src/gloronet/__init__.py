@@ -3,8 +3,7 @@
 Lipschitz-bounded layers, provable operator-norm bounds, the GloRo bottom logit and sound,
 deterministic L2 robustness certification (Leino, Wang & Fredrikson, ICML 2021).
 """
-__version__ = "0.1.0"
-
+from .version import __version__
 from . import bounds, fp, models, nn  # noqa: E402
 from .gloro import Certificate, GloroNet  # noqa: E402
 from .nn import UnboundedLayerError  # noqa: E402

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, commands
+from . import commands
+from .version import __version__
 from .config import DEFAULTS, DESCRIPTIONS, FIELDS, did_you_mean, parse_overrides
 
 RUN_HELP = "a run directory written by `gloronet train`, or the name of a pretrained model (gloronet models --pretrained)"

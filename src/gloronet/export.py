@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .gloro import GloroNet
 from .nn.state import eval_caches
 from .runs import RunError, load_model, read_model_meta, weights_hash, write_bytes, write_json

@@ -29,7 +29,8 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from . import data, models, pretrained
+from . import data, models
+from .pretrained import registry as shipped
 from .config import DEFAULTS, TrainConfig, build_config, parse_overrides, read_yaml
 from .device import resolve_device
 from .gloro import GloroNet, check_epsilon
@@ -434,13 +435,13 @@ def locate_run(arg: str | Path) -> tuple[Path, str | None]:
     path = Path(arg)
     if (path / "model.json").is_file():
         return path, None
-    shipped = pretrained.resolve(str(arg))
-    if shipped is not None:
-        return shipped, str(arg)
+    package_dir = shipped.resolve(str(arg))
+    if package_dir is not None:
+        return package_dir, str(arg)
     if path.is_file():
         raise RunError(f"{arg} is a file: name the run directory that holds it")
     if not path.is_dir():
-        known = ", ".join(pretrained.names()) or "none shipped in this version"
+        known = ", ".join(shipped.names()) or "none shipped in this version"
         raise FileNotFoundError(f"run directory {arg} not found, nor a pretrained model of that name (pretrained: {known})")
     return path, None
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 
-from .schedules import Schedule
+from .schedule_base import Schedule
 
 __all__ = ["NAMED", "PREFIXED", "parse_gloro_schedule", "GloroStringSchedule"]
 

@@ -55,6 +55,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .schedule_base import Schedule
+from .schedule_strings import GloroStringSchedule
+
 __all__ = [
     "Schedule",
     "Constant",
@@ -73,17 +76,6 @@ def _progress(epoch: float, start: float, length: float) -> float:
     if length <= 0:
         return 1.0 if epoch >= start else 0.0
     return min(max((epoch - start) / length, 0.0), 1.0)
-
-
-class Schedule:
-    """Base class: ``s(epoch) -> float``. Subclasses store their parameters as attributes."""
-
-    def __call__(self, epoch: float) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v:.6g}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 class Constant(Schedule):
@@ -272,8 +264,6 @@ def make_schedule(spec: Any, total_epochs: int, base: float | None = None) -> Sc
     if kind == "constant":
         return Constant(s.level("value"))
     if kind == "gloro":
-        from .schedule_strings import GloroStringSchedule
-
         text = spec.get("schedule")
         if not isinstance(text, str):
             s.fail(f"key 'schedule' must be a gloro schedule string, got {text!r}")

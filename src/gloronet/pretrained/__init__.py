@@ -17,20 +17,7 @@ from pathlib import Path
 
 import torch
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-
-
-def names() -> list[str]:
-    """The shipped models' names, sorted."""
-    if not MODELS_DIR.is_dir():
-        return []
-    return sorted(d.name for d in MODELS_DIR.iterdir() if (d / "card.json").is_file())
-
-
-def resolve(name: str) -> Path | None:
-    """The package directory of shipped model ``name`` (read it, never write into it), or None
-    when ``name`` is not a shipped model."""
-    return MODELS_DIR / name if isinstance(name, str) and name in names() else None
+from .registry import MODELS_DIR, names, resolve  # noqa: F401  (public: where they live, which there are)
 
 
 def _require(name: str) -> Path:
