@@ -286,3 +286,22 @@ def test_without_a_proven_scaled_model_the_chain_model_is_used():
         chain, scaled = layer.error_models((4,), torch.float32, 1.0)
         assert (scaled is not None) == applies, c
         assert layer.error_model((4,), torch.float32, 1.0) == (layer._pick(chain, scaled) if applies else chain), c
+
+
+
+def test_subnormal_scales_read_as_zero_stay_inside_the_scale_model():
+    """A subnormal ``c`` (the scaled model refuses it: the chain then runs :func:`gloronet.fp.scale_model`)
+    read as 0 by a denormals-are-zero unit makes ``fl(c·a) = 0``: an error of ``|c·a|``, relative
+    to ``a``, that the model must allow."""
+    gen = _gen(99)
+    c = torch.full((6,), 1e-39, dtype=torch.float32)  # subnormal in float32 (λ ≈ 1.18e-38)
+    layer = _FixedLinear(c, 5).eval()
+    assert layer.error_models((5,), torch.float32, layer.lipschitz_bound())[1] is None
+    a = torch.rand(64, 6, generator=gen) * 1e30
+    model = fp.scale_model(float(c.max()), 6, torch.float32)
+    with _flush_denormal(True):
+        got = (a * c).to(D64)
+    assert bool((got == 0).all())  # the scales were read as 0
+    err = (got - a.to(D64) * c.to(D64)).norm(dim=1)
+    allowed = model.rel * a.to(D64).norm(dim=1) + model.abs
+    assert bool((err <= allowed).all()) and float((err / allowed).max()) > 0.05

@@ -169,11 +169,13 @@ def affine_error_model(
 
 def scale_model(scale_max: float, numel: int, dtype: torch.dtype) -> ErrorModel:
     """``a ↦ c ⊙ a`` for a fixed vector ``c`` with ``|c| ≤ scale_max``, one multiplication per
-    element: ``fl(c_i a_i) = c_i a_i (1 + δ) + η``, ``|δ| ≤ u``, ``|η| ≤ λ`` (a flushed result)."""
+    element: ``fl(c_i a_i) = c_i a_i (1 + δ) + η``, ``|δ| ≤ u``, ``|η| ≤ λ`` (a flushed result); a
+    subnormal ``c_i`` that a denormals-are-zero unit reads as 0 errs by ``|c_i a_i| ≤ λ|a_i|``, so
+    ``‖error‖ ≤ (u·scale_max + λ)‖a‖ + λ√n``."""
     u, lam = unit_roundoff(dtype), smallest_normal(dtype)
     return ErrorModel(
         lip=scale_max,
-        rel=up(u * scale_max),
+        rel=up(u * scale_max + lam),
         abs=up(lam * math.sqrt(numel)),
         peak_rel=up((1 + u) * scale_max),
         peak_abs=lam,

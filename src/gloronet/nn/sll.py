@@ -62,7 +62,8 @@ error is measured in scaled coordinates. Let ``a = ‖x‖``, ``N ≥ ‖B‖₂
 
 Every term above is ``γ·N·N_a``-sized, not ``max c·‖W‖²``-sized. The model is not used (the chain
 is) when ``c`` is not finite and ``≥ 0`` or some ``0 < cₖ < λ`` (a subnormal scale that a DAZ unit
-reads as 0 would err relatively, by ``sₖr̂ₖ``).
+reads as 0 errs relatively, by ``sₖr̂ₖ``; :func:`gloronet.fp.scale_model`, in the chain, allows
+``λ‖a‖`` for it).
 
 Estimate (training): the constant 1 (the exact block is 1-Lipschitz when ``T`` is exact).
 """
