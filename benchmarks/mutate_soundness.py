@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 s) and the attack tests left out
-    "tests/test_aol_sll.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
+    "tests/test_aol_sll.py", "tests/test_sll_rounding.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
     "tests/test_relaxed.py", "tests/test_certified_bounds.py", "tests/test_fused_pass.py",
 ]
 DESELECT: list[str] = ["tests/test_fused_pass.py::test_the_gpu_price_benchmark_runs_end_to_end_on_the_cpu"]  # needs benchmarks/, not a formula
@@ -163,7 +163,7 @@ MUTANTS = [
     (SLL, "    return max(1.0, round_up(mu - 1.0))", "    return round_up(mu - 1.0)", "SLL: no max with 1 (μ − 1 < 1)"),
     (SLL, "    mu = mul_up(norm_b, norm_b)", "    mu = norm_b", "SLL: μ = ‖B‖ instead of ‖B‖²"),
     (SLL, "    return up(g / (1.0 - g))", "    return 0.0", "SLL: forming B = √c·W in float64 unaccounted"),
-    (FP, "rel=up(u * scale_max),", "rel=0.0,", "scale_model: no product rounding"),
+    (FP, "rel=up(u * scale_max + lam),", "rel=up(lam),", "scale_model: no product rounding"),
     (FP, "        abs=up(lam * math.sqrt(numel)),\n        peak_rel=up((1 + u) * scale_max),",
      "        abs=0.0,\n        peak_rel=up((1 + u) * scale_max),", "scale_model: no flush allowance"),
     (FP, "peak_rel=up((1 + u) * scale_max),", "peak_rel=scale_max,", "scale_model: peak without 1 + u"),
@@ -196,6 +196,12 @@ MUTANTS = [
     (ACC, "    m = chunk_count(n_terms, splittable)\n    per_slice",
      "    m = max(1, min(MAX_CHUNKS, splittable, math.ceil(n_terms / MIN_CHUNK)))\n    per_slice",
      "fused(): the chunked depth reported for fused kernels"),
+    # ---- SLL blocks' scaled-coordinate error model; subnormal scales (DAZ)
+    (FP, "rel=up(u * scale_max + lam),", "rel=up(u * scale_max),", "scale_model: a subnormal scale read as 0 (DAZ) unaccounted"),
+    (SLL, "e1 = (up(g1 * Na + sp * l1 * math.sqrt(n1))", "e1 = (up(sp * l1 * math.sqrt(n1))", "SLL scaled model: the first sum's rounding dropped"),
+    (SLL, "up(g1 * sb + sp * l1 * (sc[\"R1\"] + 2 * n1)))", "up(g1 * sb + l1 * (sc[\"R1\"] + 2 * n1)))",
+     "SLL scaled model: the first sum's flushes not scaled by max √c"),
+    (SLL, "rel=up(g2 * Na * z[0] + N * e2[0] + lam2[0]),", "rel=up(N * e2[0] + lam2[0]),", "SLL scaled model: the second sum's rounding dropped"),
 ]
 
 
