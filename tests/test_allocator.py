@@ -31,6 +31,12 @@ def test_user_choice_wins(var):
     assert _probe(**{var: "1"}) == "False False"
 
 
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.parametrize("value", ["0", "false", ""])
+def test_system_malloc_off_means_tuned(value):
+    assert _probe(GLORONET_SYSTEM_MALLOC=value) == "True True"
+
+
 def test_library_import_and_cli_main_leave_malloc_alone():
     """Importing gloronet and calling cli.main (what tests and embedding programs do) never tune
     the allocator: only the console entry point does."""

@@ -23,7 +23,7 @@ import threading
 
 THRESHOLD = 1 << 30  # bytes
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-_ENV_OVERRIDES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLORONET_SYSTEM_MALLOC")
+_GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # any value: the user chose
 _lock = threading.Lock()
 _applied: bool | None = None
 
@@ -39,7 +39,7 @@ def reuse_freed_memory() -> bool:
 
 
 def _apply() -> bool:
-    if any(os.environ.get(name) for name in _ENV_OVERRIDES):
+    if any(os.environ.get(name) for name in _GLIBC_VARIABLES) or _wants_system_malloc():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -50,3 +50,8 @@ def _apply() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, THRESHOLD))
+
+
+def _wants_system_malloc() -> bool:
+    """``GLORONET_SYSTEM_MALLOC`` set to anything but empty, ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("GLORONET_SYSTEM_MALLOC", "").strip().lower() not in ("", "0", "false", "no", "off")
