@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 s) and the attack tests left out
     "tests/test_aol_sll.py", "tests/test_sll_rounding.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
-    "tests/test_relaxed.py", "tests/test_certified_bounds.py", "tests/test_fused_pass.py",
+    "tests/test_relaxed.py", "tests/test_certified_bounds.py", "tests/test_fused_pass.py", "tests/test_centre64.py",
 ]
 DESELECT: list[str] = ["tests/test_fused_pass.py::test_the_gpu_price_benchmark_runs_end_to_end_on_the_cpu"]  # needs benchmarks/, not a formula
 
@@ -40,6 +40,7 @@ R, FP, RA, RE, GL = "src/gloronet/rounding.py", "src/gloronet/fp.py", "src/gloro
 HD = "src/gloronet/head_distances.py"
 EIG, NONNEG, DENSE, CIRC, CEXP = (f"src/gloronet/bounds/{m}.py" for m in ("eigen", "nonneg", "dense", "circular", "conv_explicit"))
 RES = "src/gloronet/nn/residual.py"
+C64 = "src/gloronet/centre64.py"
 SLL, BRO, CONV, LIN, ACC = (f"src/gloronet/nn/{m}.py" for m in ("sll", "bro", "conv", "linear", "accumulate"))
 
 # (file, exact text, replacement, what it breaks)
@@ -202,6 +203,10 @@ MUTANTS = [
     (SLL, "up(g1 * sb + sp * l1 * (sc[\"R1\"] + 2 * n1)))", "up(g1 * sb + l1 * (sc[\"R1\"] + 2 * n1)))",
      "SLL scaled model: the first sum's flushes not scaled by max √c"),
     (SLL, "rel=up(g2 * Na * z[0] + N * e2[0] + lam2[0]),", "rel=up(N * e2[0] + lam2[0]),", "SLL scaled model: the second sum's rounding dropped"),
+    # ---- the float64 centre of re-measured rows (gloronet.centre64)
+    (GL, "radius_mod.make_profile(chunked.models, bounds.head, bounds.dtype, models64)",
+     "radius_mod.make_profile(models64, bounds.head, bounds.dtype, models64)", "float64 centre: the ball's error from the float64 models"),
+    (C64, "    if t not in (LipLinear, LipConv2d):", "    if not isinstance(m, (LipLinear, LipConv2d)):", "float64 centre: subclasses accepted"),
 ]
 
 

@@ -145,11 +145,14 @@ class _KernelCalls(TorchFunctionMode):
         super().__init__()
         self.calls: list[tuple[str, int]] = []
 
+    float64 = False  # the last sum ran in float64
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self.SUMS:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             self.calls.append((self.SUMS[func], w[0].numel()))
+            self.float64 = w.dtype == torch.float64
         elif func in self.OTHER or getattr(func, "__module__", "") == "torch._C._fft":
             self.calls.append((getattr(func, "__name__", str(func)), -1))
         return func(*args, **kwargs)
@@ -253,15 +256,24 @@ def test_the_centre_is_analysed_with_the_models_of_the_kernels_that_computed_it(
     def spy(profile, norms, fused_centre):
         widest = max((t for name, t in rec.calls if name in ("linear", "conv2d")), default=0)
         seen.append((fused_centre, widest))
+        centre = profile.fused if fused_centre else profile.models
+        float64.append(rec.float64 and norms[0].dtype == torch.float64)  # the pass at x ran in float64
+        ratios.append(max(c.rel / m.rel for c, m in zip(centre, profile.models) if m.rel > 0))
         rec.calls.clear()
         return original(profile, norms, fused_centre)
 
+    float64, ratios = [], []
+    exact = net.certify(x, epsilon=0.01, arithmetic="exact").radius
+    just_below = [float(r) * (1 - 1e-5) for r in exact if r > 0]  # ε that the fp-sound radii fall short of
     monkeypatch.setattr(gloronet.radius, "body_errors", spy)
     with rec:
-        cert = net.certify(x, epsilon=0.01, fast=fast)
+        cert = net.certify(x, epsilon=0.01, fast=fast, recheck_at=just_below)
     assert seen and all(f == (w == 4096) for f, w in seen), seen
     assert any(f for f, _ in seen) == fast
-    assert len(seen) == (2 if fast else 1)  # the near ties were measured again by the certified program
+    # fast: the fused pass, the near ties measured again by the certified program, and around a
+    # float64 centre (gloronet.centre64) — whose centre models are float64 ones (rel ~2⁻²⁹ smaller)
+    assert len(seen) == (3 if fast else 1)
+    assert [r < 1e-6 for r in ratios] == float64 == ([False, False, True] if fast else [False])
     assert cert.radius.shape == (len(x),)
 
 

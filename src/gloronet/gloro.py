@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fp, kernels, relaxed
+from . import centre64, fp, kernels, relaxed
 from . import radius as radius_mod
 from .bounds import mul_up
 from .head_distances import pairwise_row_distances_bound
@@ -319,11 +319,12 @@ class GloroNet(nn.Module):
         ``fast`` (default): the centre pass runs the fused kernels, as fast as a plain network, and
         the certified (chunked) program measures again the rows whose prediction it cannot vouch
         for and, with ``arithmetic="float"``, those whose radius falls short of some ε in
-        ``recheck_at`` (default ``[epsilon]``) while their exact-arithmetic radius reaches it. The
-        fused centre errs more than the chunked one, so radii away from those ε are slightly smaller
-        (all sound, and ``certified`` at ε is as with ``fast=False``, up to rounding-level
-        differences between the two centres). ``fast=False``: the certified program throughout
-        (relaxed certificates always use it).
+        ``recheck_at`` (default ``[epsilon]``) while their exact-arithmetic radius reaches it — the
+        latter also around a float64 centre where the body allows (:mod:`gloronet.centre64`: almost
+        none of the centre's share of the rounding allowance is left); the larger proven radius
+        stands. The fused centre errs more than the chunked one, so radii away from those ε are
+        slightly smaller (all sound; at ε ``certified`` is at least that of ``fast=False``).
+        ``fast=False``: the certified program throughout (relaxed certificates always use it).
 
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
         Ties and non-finite inputs, logits or bounds never certify; ``certified`` is exactly
@@ -351,13 +352,18 @@ class GloroNet(nn.Module):
         recheck = unsure.to(radius.device)
         if arithmetic == "float":  # where the fused centre's larger error may be what stands between the point and ε
             exact = adjust(radius_mod.certified_radii(radius_mod.margin_bounds(logits, margins.K, None, None), pred))
-            for e in [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]:
-                recheck |= (radius <= e) & (exact > e * (1 - RECHECK_BELOW))
+            at = [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]
+            recheck |= _short_of(radius, exact, at)
         if bool(recheck.any()):
             rows = recheck.nonzero()[:, 0]
             again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False)
             pred2 = again.detach().argmax(dim=1).to(pred.device)
             radius2 = adjust2(radius_mod.certified_radii(margins2, pred2)).to(radius.device)
+            if arithmetic == "float":  # still short: also around a float64 centre (both radii proven for pred2)
+                short = _short_of(radius2, exact[rows], at).nonzero()[:, 0]
+                sharper = self._float64_centre_radii(x[rows[short].to(x.device)], pred2[short]) if len(short) else None
+                if sharper is not None:
+                    radius2[short] = torch.maximum(radius2[short], sharper.to(radius2.device))
             radius[rows] = torch.where(pred2 == pred[rows], torch.maximum(radius2, radius[rows]), radius2)
             pred[rows] = pred2
             logits[rows] = again.detach().to(logits)
@@ -410,17 +416,48 @@ class GloroNet(nn.Module):
         # a finite norm bound means every coordinate of the input is finite
         finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
         finite = torch.isfinite(logits).all(dim=1) & finite_x.to(logits.device) & bool(torch.isfinite(bounds.K).all())
-        shift = _cast_shift(x, xc)
+        return logits, margins, _adjuster(finite, _cast_shift(x, xc)), unsure
 
-        def adjust(radius: torch.Tensor) -> torch.Tensor:
-            ok = finite.to(radius.device).view(-1, *([1] * (radius.dim() - 1)))
-            if shift is not None:
-                s = shift.to(radius.device).view_as(ok)
-                radius = torch.where(torch.isfinite(s), torch.nextafter(radius - s, torch.full_like(radius, -math.inf)), 0.0)
-                radius = radius.clamp_min(0.0)
-            return torch.where(ok, radius, torch.zeros_like(radius))
+    def _float64_centre_radii(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor | None:
+        """(B,) radii within which the certified (float32) program predicts ``pred`` strictly,
+        from a float64 centre pass (:mod:`gloronet.centre64`: ``Pc`` ~2⁻²⁹ of the float32 one);
+        None where the model is not float32 or its body has a step that pass cannot evaluate."""
+        found = self._float64_centre_pass(x)
+        if found is None:
+            return None
+        margins, adjust = found
+        return adjust(radius_mod.certified_radii(margins, pred.to(margins.y.device)))
 
-        return logits, margins, adjust, unsure
+    def _float64_centre_pass(self, x: torch.Tensor):
+        """``(MarginBounds, adjust)`` of the certified program around a float64 centre (as
+        :meth:`_margin_pass` returns them), or None (see :meth:`_float64_centre_radii`)."""
+        bounds = self._sound_bounds()
+        steps64 = centre64.float64_steps(bounds.steps) if bounds.dtype == torch.float32 else None
+        if steps64 is None:
+            return None
+        device = next(iter(self.parameters())).device
+        xc = x.to(device=device, dtype=bounds.dtype, copy=True)
+        with torch.no_grad(), kernels.sound_kernels(), kernels.no_autocast(device.type), accumulate.fused():
+            h, norms, shapes = _run_steps(xc.to(torch.float64), bounds.steps, measure=True, calls=steps64)
+        profile = self._profile64(bounds, tuple(shapes))
+        errors = radius_mod.body_errors(profile, norms, fused_centre=True)
+        placeholder = h.new_zeros(len(h), self.num_classes)  # the float32 head's logits are not used: the
+        margins = radius_mod.margin_bounds(placeholder, bounds.K, bounds.D, profile, norms, h,  # centre's head
+                                           fused_centre=True, errors=errors)  # is re-evaluated from h in float64
+        finite = (torch.isfinite(margins.y).all(dim=1) & torch.isfinite(norms[0]).to(margins.y.device)
+                  & bool(torch.isfinite(bounds.K).all()))
+        return margins, _adjuster(finite, _cast_shift(x, xc))
+
+    def _profile64(self, bounds: _Bounds, shapes: tuple) -> radius_mod.Profile:
+        """The certified program's profile with the float64 centre's error models in the centre slot."""
+        key = ("float64 centre", shapes)
+        if key not in bounds.profiles:
+            chunked = self._profile(bounds, shapes)
+            with accumulate.fused():  # the float64 pass runs one kernel per sum
+                models64 = [error_model_of(m, shape, torch.float64, lip)
+                            for m, shape, lip in zip(bounds.steps, shapes, bounds.lips)]
+            bounds.profiles[key] = radius_mod.make_profile(chunked.models, bounds.head, bounds.dtype, models64)
+        return bounds.profiles[key]
 
     def out_of_range(self, x: torch.Tensor) -> str | None:
         """Why ``x`` lies outside :attr:`input_range` (e.g. pixels in 0..255 for a model trained on
@@ -441,20 +478,44 @@ class GloroNet(nn.Module):
         return f"epsilon={self.epsilon}"
 
 
-def _run_steps(h: torch.Tensor, steps, measure: bool):
+def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None):
     """``(output, norms, shapes)`` of running the body's ``steps`` on ``h``: the per-example input
     shape of every step and, with ``measure``, upper bounds of ‖input‖ of every step and of the
-    output (re-used after steps that never lengthen: :func:`never_increases_norm`)."""
+    output (re-used after steps that never lengthen: :func:`never_increases_norm`). ``calls``: what
+    evaluates each step instead of the step itself (:func:`gloronet.centre64.float64_steps`)."""
     norms, shapes, measured = [], [], True
-    for step in steps:
+    for i, step in enumerate(steps):
         shapes.append(tuple(h.shape[1:]))
         if measure:
             norms.append(fp.norm_upper(h) if measured else norms[-1])
             measured = not never_increases_norm(step)
-        h = step(h)
+        h = step(h) if calls is None else calls[i](h)
     if measure:
         norms.append(fp.norm_upper(h) if measured else norms[-1])
     return h, norms, shapes
+
+
+def _short_of(radius: torch.Tensor, exact: torch.Tensor, epsilons) -> torch.Tensor:
+    """(B,) True where a radius is at most some ε of ``epsilons`` that the exact-arithmetic radius
+    reaches (within :data:`RECHECK_BELOW`): where a sharper allowance could still certify."""
+    short = torch.zeros_like(radius, dtype=torch.bool)
+    for e in epsilons:
+        short |= (radius <= e) & (exact > e * (1 - RECHECK_BELOW))
+    return short
+
+
+def _adjuster(finite: torch.Tensor, shift: torch.Tensor | None):
+    """Maps radii (B,) or (B, K) around the point the model received to radii around the caller's
+    ``x``: minus ``shift`` (:func:`_cast_shift`), and 0 where ``finite`` is False."""
+    def adjust(radius: torch.Tensor) -> torch.Tensor:
+        ok = finite.to(radius.device).view(-1, *([1] * (radius.dim() - 1)))
+        if shift is not None:
+            s = shift.to(radius.device).view_as(ok)
+            radius = torch.where(torch.isfinite(s), torch.nextafter(radius - s, torch.full_like(radius, -math.inf)), 0.0)
+            radius = radius.clamp_min(0.0)
+        return torch.where(ok, radius, torch.zeros_like(radius))
+
+    return adjust
 
 
 def _cast_shift(x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor | None:

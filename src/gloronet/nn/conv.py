@@ -123,16 +123,22 @@ class LipConv2d(DerivedWeight, LipschitzModule):
                 f"depends on the input size) but got {hw[0]}x{hw[1]}; build a new model for this input size"
             )
         if not self.training:
-            w = self._applied_weight()
-            if depthwise.needs_taps(self.in_channels, w.shape, self.stride, self.groups):
-                return depthwise.conv2d_taps(x, w, self.bias, self.pads(hw))  # no Winograd
-            return accumulate.conv2d(x, w, self.bias, self.stride, self.pads(hw), self.groups)
+            return self.eval_conv(x, self._applied_weight(), self.bias)
         w = self.derive_weight()
         left, right, top, bottom = self.pads(hw)
         if left == right and top == bottom:  # zero padding inside the kernel: no padded copy, bias fused
             return F.conv2d(x, w, self.bias, self.stride, (top, left), groups=self.groups)
         out = conv2d_apply(x, w, self.stride, (left, right, top, bottom), self.groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def eval_conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The eval-mode convolution of ``x`` with kernel ``w`` and ``bias`` (the applied weight, or
+        an exact float64 copy of it: :mod:`gloronet.centre64`): chunked sums, or taps for
+        depthwise kernels (no Winograd)."""
+        hw = tuple(x.shape[-2:])
+        if depthwise.needs_taps(self.in_channels, w.shape, self.stride, self.groups):
+            return depthwise.conv2d_taps(x, w, bias, self.pads(hw))
+        return accumulate.conv2d(x, w, bias, self.stride, self.pads(hw), self.groups)
 
     def _require_input_size(self) -> tuple[int, int]:
         if self.input_hw is None:

@@ -1,0 +1,127 @@
+"""The float64 centre of certify's re-measured rows (:mod:`gloronet.centre64`).
+
+1. Which bodies it evaluates: exactly the conv / dense / MinMax / Flatten steps whose map is fixed
+   by their float32 tensors; any other step (a subclass, an SLL block, a residual stack) refuses.
+2. Same real map: each float64 step stays within the float32 step's own error model of the
+   float32 output (a different weight or bias would not).
+3. Its margin bounds hold for the certified program: at ``x`` and at points ``x'`` within the
+   radius, the float32 chunked program's margins are at least ``low − slope·‖x' − x‖``.
+4. certify uses it: on the shipped 4C3F, rows re-measured this way certify at least as far as
+   with the chunked centre, and some farther.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gloronet import centre64, models, pretrained
+from gloronet.data import load_dataset
+from gloronet.gloro import _run_steps, error_model_of
+from gloronet.nn import AOLLinear, LipLinear, SLLLinear, accumulate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_supported_bodies_only():
+    net = models.create("4c3f", (1, 28, 28), 10, epsilon=1.58)
+    steps = net._sound_bounds().steps
+    assert centre64.float64_steps(steps) is not None
+    assert centre64.float64_steps([*steps[:-1], SLLLinear(512)]) is None
+    assert centre64.float64_steps([AOLLinear(4, 4)]) is None  # weights derived from parameters
+
+    class Rescaled(LipLinear):  # a subclass may map differently: refused by type, whatever it does
+        pass
+
+    assert centre64.float64_steps([Rescaled(4, 4)]) is None and centre64.float64_steps([LipLinear(4, 4)]) is not None
+    lires = models.create("liresnet-6l32w", (3, 32, 32), 10, epsilon=0.14)
+    assert centre64.float64_steps(lires._sound_bounds().steps) is None
+    assert lires.eval()._float64_centre_radii(torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)) is None
+
+
+def test_each_float64_step_is_the_float32_map():
+    net = pretrained.load("mnist-4c3f-eps1.58")
+    x = load_dataset("mnist", "test", limit=64)[0]
+    b = net._sound_bounds()
+    steps64 = centre64.float64_steps(b.steps)
+    h = x
+    with torch.no_grad():
+        for step, f64, lip in zip(b.steps, steps64, b.lips):
+            shape = tuple(h.shape[1:])
+            out32 = step(h)
+            with accumulate.fused():
+                out64 = f64(h.double())
+            m = error_model_of(step, shape, torch.float32, lip)
+            gap = (out32.double() - out64).flatten(1).norm(dim=1)
+            allowed = m.rel * h.double().flatten(1).norm(dim=1) + m.abs
+            assert bool((gap <= allowed * 1.001 + 1e-12).all()), type(step).__name__
+            if m.rel > 0:  # a wrong map (here: a weight off by one part in 100) would show
+                w = step._applied_weight().double() * (1 + 1e-2)
+                bias = None if step.bias is None else step.bias.double()
+                wrong = (step.eval_conv(h.double(), w, bias) if hasattr(step, "eval_conv")
+                         else accumulate.linear(h.double(), w, bias))
+                assert bool(((out32.double() - wrong).flatten(1).norm(dim=1) > allowed).any())
+            h = out32
+
+
+def _chunked_margins(net, x, pred):
+    with torch.no_grad():
+        y = net.head(net.body(x)).double()  # eval mode: the certified program (chunked sums)
+    return y.gather(1, pred[:, None]) - y
+
+
+def test_its_margin_bounds_hold_for_the_certified_program():
+    net = pretrained.load("mnist-4c3f-eps1.58")
+    x = load_dataset("mnist", "test", limit=256)[0]
+    pred = net.certify(x, fast=False).pred
+    margins, _ = net._float64_centre_pass(x)
+    low, slope = margins.rows(pred)
+    other = ~torch.nn.functional.one_hot(pred, 10).bool()
+    at_x = _chunked_margins(net, x, pred)
+    assert bool((at_x[other] >= low[other]).all())
+    assert float((at_x[other] - low[other]).min()) < 0.05 * float(at_x[other].abs().median())  # not vacuous
+    gen = torch.Generator().manual_seed(0)
+    radius = net._float64_centre_radii(x, pred)
+    for scale in (0.5, 0.99):
+        d = torch.randn(x.shape, generator=gen)
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * (scale * radius).view(-1, 1, 1, 1).float()
+        moved = _chunked_margins(net, x + d, pred)
+        r = d.flatten(1).norm(dim=1).double()[:, None]
+        assert bool((moved[other] >= (low - slope * r)[other] - 1e-9).all())
+        assert bool((moved[other] > 0).all() | (radius == 0).any())
+
+
+def test_certify_remeasures_near_eps_rows_around_a_float64_centre():
+    net = pretrained.load("mnist-4c3f-eps1.58")
+    x = load_dataset("mnist", "test", limit=2000)[0]
+    chunked = net.certify(x, fast=False)
+    exact = net.certify(x, arithmetic="exact")
+    near = (exact.radius > chunked.radius) & (exact.radius > 0.5)
+    eps = [float(r) * (1 - 1e-4) for r in exact.radius[near][:64]]
+    fast = net.certify(x, recheck_at=eps)
+    rows = near.nonzero()[:64, 0]
+    assert bool((fast.pred[rows] == chunked.pred[rows]).all())
+    assert bool((fast.radius[rows] >= chunked.radius[rows]).all())
+    assert int((fast.radius[rows] > chunked.radius[rows]).sum()) > len(rows) // 2
+    gain = (fast.radius[rows] - chunked.radius[rows]) / (exact.radius[rows] - chunked.radius[rows])
+    assert float(gain.median()) > 0.3  # the centre's share of the allowance, about half, is gone
+
+
+def test_the_certified_programs_rounding_stays_in_the_bound_of_a_cancelling_layer():
+    """A 4096-term body layer whose terms cancel (weights ``[A, −A + 10⁻³B]`` on inputs ``[u, u]``):
+    the float32 chunked outputs stray from the float64 centre by far more than the head's rounding,
+    so a bound that took the ball's error from the float64 models (or dropped it) would fail."""
+    from test_fused_pass import _cancelling_net
+
+    net = _cancelling_net("body")
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand(300, 2048, generator=g) * 100
+    x = torch.cat([u, u], 1)
+    with torch.no_grad():
+        y32 = net.head(net.body(x)).double()
+    pred = y32.argmax(1)
+    margins, _ = net._float64_centre_pass(x)
+    assert float((y32 - margins.y).abs().max()) > 100 * float(margins.err.max())  # the construction bites
+    low, _ = margins.rows(pred)
+    other = ~torch.nn.functional.one_hot(pred, 3).bool()
+    at_x = y32.gather(1, pred[:, None]) - y32
+    assert bool((at_x[other] >= low[other]).all())
