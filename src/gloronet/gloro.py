@@ -323,7 +323,8 @@ class GloroNet(nn.Module):
         latter also around a float64 centre where the body allows (:mod:`gloronet.centre64`: almost
         none of the centre's share of the rounding allowance is left); the larger proven radius
         stands. The fused centre errs more than the chunked one, so radii away from those ε are
-        slightly smaller (all sound; at ε ``certified`` is at least that of ``fast=False``).
+        slightly smaller (all sound; at ε ``certified`` is at least that of ``fast=False`` up to
+        rounding-level differences between the two centres).
         ``fast=False``: the certified program throughout (relaxed certificates always use it).
 
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
