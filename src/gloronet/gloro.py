@@ -416,8 +416,7 @@ class GloroNet(nn.Module):
         unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits) if fused else None
         # a finite norm bound means every coordinate of the input is finite
         finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
-        finite = torch.isfinite(logits).all(dim=1) & finite_x.to(logits.device) & bool(torch.isfinite(bounds.K).all())
-        return logits, margins, _adjuster(finite, _cast_shift(x, xc)), unsure
+        return logits, margins, _adjuster(_finite_rows(logits, finite_x, bounds.K), _cast_shift(x, xc)), unsure
 
     def _float64_centre_radii(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor | None:
         """(B,) radii within which the certified (float32) program predicts ``pred`` strictly,
@@ -433,8 +432,9 @@ class GloroNet(nn.Module):
         """``(MarginBounds, adjust)`` of the certified program around a float64 centre (as
         :meth:`_margin_pass` returns them), or None (see :meth:`_float64_centre_radii`)."""
         bounds = self._sound_bounds()
-        steps64 = centre64.float64_steps(bounds.steps) if bounds.dtype == torch.float32 else None
-        if steps64 is None:
+        # the head is re-evaluated in float64 from the centre's body output (Head.reevaluate: float32 models)
+        steps64 = centre64.float64_steps(bounds.steps) if bounds.head.reevaluate else None
+        if bounds.dtype != torch.float32 or steps64 is None:
             return None
         device = next(iter(self.parameters())).device
         xc = x.to(device=device, dtype=bounds.dtype, copy=True)
@@ -442,12 +442,9 @@ class GloroNet(nn.Module):
             h, norms, shapes = _run_steps(xc.to(torch.float64), bounds.steps, measure=True, calls=steps64)
         profile = self._profile64(bounds, tuple(shapes))
         errors = radius_mod.body_errors(profile, norms, fused_centre=True)
-        placeholder = h.new_zeros(len(h), self.num_classes)  # the float32 head's logits are not used: the
-        margins = radius_mod.margin_bounds(placeholder, bounds.K, bounds.D, profile, norms, h,  # centre's head
-                                           fused_centre=True, errors=errors)  # is re-evaluated from h in float64
-        finite = (torch.isfinite(margins.y).all(dim=1) & torch.isfinite(norms[0]).to(margins.y.device)
-                  & bool(torch.isfinite(bounds.K).all()))
-        return margins, _adjuster(finite, _cast_shift(x, xc))
+        unread = h.new_zeros(len(h), self.num_classes)  # margin_bounds re-evaluates the head from h (reevaluate)
+        margins = radius_mod.margin_bounds(unread, bounds.K, bounds.D, profile, norms, h, fused_centre=True, errors=errors)
+        return margins, _adjuster(_finite_rows(margins.y, torch.isfinite(norms[0]), bounds.K), _cast_shift(x, xc))
 
     def _profile64(self, bounds: _Bounds, shapes: tuple) -> radius_mod.Profile:
         """The certified program's profile with the float64 centre's error models in the centre slot."""
@@ -503,6 +500,12 @@ def _short_of(radius: torch.Tensor, exact: torch.Tensor, epsilons) -> torch.Tens
     for e in epsilons:
         short |= (radius <= e) & (exact > e * (1 - RECHECK_BELOW))
     return short
+
+
+def _finite_rows(logits: torch.Tensor, finite_input: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """(B,) True where the logits, the input and the Lipschitz constants are all finite: nothing
+    else may certify."""
+    return torch.isfinite(logits).all(dim=1) & finite_input.to(logits.device) & bool(torch.isfinite(K).all())
 
 
 def _adjuster(finite: torch.Tensor, shift: torch.Tensor | None):

@@ -109,7 +109,8 @@ class Profile:
     """The data-independent part of the analysis of one model at one input shape and dtype."""
 
     models: tuple[fp.ErrorModel, ...]  # body steps, as the certified program runs them (chunked sums)
-    fused: tuple[fp.ErrorModel, ...]  # the same steps run with fused kernels (accumulate.fused)
+    fused: tuple[fp.ErrorModel, ...]  # the same steps run with fused kernels (accumulate.fused): the centre's
+    # program of the fast pass, or of the float64 centre (gloronet.centre64; float64 models then)
     prefix_lip: tuple[float, ...]  # L_s for s = 0..S (prefix_lip[S] = L)
     q: tuple[float, ...]  # Q_s for s = 0..S
     head: Head
@@ -119,7 +120,8 @@ class Profile:
 
 
 def make_profile(models, head: Head, dtype, fused=None) -> Profile:
-    """``fused``: the error models of the same steps run with fused kernels (default ``models``)."""
+    """``fused``: the error models of the same steps run with fused kernels (default ``models``), in
+    the dtype of the pass that computes the centre with them (float64 for :mod:`gloronet.centre64`)."""
     fused = tuple(models if fused is None else fused)
     if len(fused) != len(models) or any(c.lip != m.lip for c, m in zip(fused, models)):
         raise ValueError("make_profile: the fused pass must run the same steps with the same Lipschitz bounds")
