@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 s) and the attack tests left out
     "tests/test_aol_sll.py", "tests/test_sll_rounding.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
     "tests/test_relaxed.py", "tests/test_certified_bounds.py", "tests/test_fused_pass.py", "tests/test_centre64.py",
+    "tests/test_norm_propagation.py",
 ]
 DESELECT: list[str] = ["tests/test_fused_pass.py::test_the_gpu_price_benchmark_runs_end_to_end_on_the_cpu"]  # needs benchmarks/, not a formula
 
@@ -207,6 +208,13 @@ MUTANTS = [
     (GL, "radius_mod.make_profile(chunked.models, bounds.head, bounds.dtype, models64)",
      "radius_mod.make_profile(models64, bounds.head, bounds.dtype, models64)", "float64 centre: the ball's error from the float64 models"),
     (C64, "    if t not in (LipLinear, LipConv2d):", "    if not isinstance(m, (LipLinear, LipConv2d)):", "float64 centre: subclasses accepted"),
+    # ---- the norms the fused pass propagates instead of measuring
+    (RA, "_up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs)", "_up(fp.up(m.lip + m.rel) * out[-1] + m.abs)",
+     "propagated norms: the bias (offset) dropped"),
+    (RA, "_up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs)", "_up(m.offset + m.lip * out[-1] + m.abs)",
+     "propagated norms: the step's own rounding (rel) dropped"),
+    (GL, "norms = radius_mod.propagated_norms(profile.fused if fused else profile.models, norms)",
+     "norms = radius_mod.propagated_norms(profile.models, norms)", "propagated norms: the certified program's models for the fused pass"),
 ]
 
 

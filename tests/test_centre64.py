@@ -126,3 +126,29 @@ def test_the_certified_programs_rounding_stays_in_the_bound_of_a_cancelling_laye
     other = ~torch.nn.functional.one_hot(pred, 3).bool()
     at_x = y32.gather(1, pred[:, None]) - y32
     assert bool((at_x[other] >= low[other]).all())
+
+
+@pytest.mark.parametrize("edit", ["in place", "through .data", "load_state_dict"])
+def test_the_float64_weights_kept_with_the_bounds_follow_every_edit(edit):
+    """The float64 copies of the weights are made once and kept with the bounds: an edit of the
+    model after a certify must reach the next float64 centre (a cache not keyed on the map would
+    certify the old weights)."""
+    torch.manual_seed(0)
+    net = models.create("2c2f", (1, 28, 28), 10, epsilon=0.3).eval()
+    x = torch.rand(8, 1, 28, 28)
+    before = net._float64_centre_pass(x)[0].y.clone()
+    assert net._float64_centre_pass(x)[0].y.equal(before)  # reused while nothing changed
+    linear = [m for m in net.body.modules() if isinstance(m, LipLinear)][0]
+    new = linear.weight.detach() * 0.5
+    with torch.no_grad():
+        if edit == "in place":
+            linear.weight.copy_(new)
+        elif edit == "through .data":
+            linear.weight.data.copy_(new)
+        else:
+            linear.load_state_dict({**linear.state_dict(), "weight": new})
+    fresh = models.create("2c2f", (1, 28, 28), 10, epsilon=0.3).eval()
+    fresh.load_state_dict(net.state_dict())
+    after = net._float64_centre_pass(x)[0].y
+    assert not after.equal(before)
+    assert after.equal(fresh._float64_centre_pass(x)[0].y)

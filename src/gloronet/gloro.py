@@ -141,10 +141,18 @@ class _Bounds:
     head: radius_mod.Head
     profiles: dict = field(default_factory=dict)  # input shapes -> radius.Profile
     fused_ok: bool = True  # False once a step turned out to have no error model (the eval forward then runs chunked)
+    # gloronet.centre64.float64_steps(steps) (float64 copies of the weights), made on first use; None: unsupported
+    steps64: list | None = None
+    steps64_made: bool = False
 
 
 ARITHMETIC = ("float", "exact")
 RECHECK_BELOW = 1e-3  # certify rechecks rows with fused radius ≤ ε < exact-arithmetic radius / (1 − this)
+# The fused pass measures ‖activation‖ only where an example's activation has at most this many times as
+# many elements as its input (and always the input and the body's output); a larger one — a convolution's
+# wide early output, which costs 2-4% of the pass to read again — gets the bound the step's error model
+# propagates (radius.propagated_norms): looser, so a few more rows are measured again by the chunked program.
+MEASURE_NORMS_UP_TO = 8
 
 
 class GloroNet(nn.Module):
@@ -193,7 +201,7 @@ class GloroNet(nn.Module):
             if bounds is None:
                 return self.head(self.body(x))
             with accumulate.fused():
-                h, norms, shapes = _run_steps(x, bounds.steps, measure=True)
+                h, norms, shapes = _run_steps(x, bounds.steps, measure=True, measure_up_to=MEASURE_NORMS_UP_TO)
                 logits = self.head(h)
             with torch.no_grad():
                 try:
@@ -201,6 +209,7 @@ class GloroNet(nn.Module):
                 except UnboundedLayerError:  # a layer without an error model: the chunked program only
                     bounds.fused_ok = False  # (remembered with the bounds: no fused pass wasted next time)
                     return self.head(self.body(x))
+                norms = radius_mod.propagated_norms(profile.fused, norms)
                 errors = radius_mod.body_errors(profile, norms, fused_centre=True)
                 unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits)
             if bool(unsure.any()):
@@ -322,7 +331,8 @@ class GloroNet(nn.Module):
         ``recheck_at`` (default ``[epsilon]``) while their exact-arithmetic radius reaches it — the
         latter also around a float64 centre where the body allows (:mod:`gloronet.centre64`: almost
         none of the centre's share of the rounding allowance is left); the larger proven radius
-        stands. The fused centre errs more than the chunked one, so radii away from those ε are
+        stands. The fused centre errs more than the chunked one, and it measures the norms of wide
+        activations less tightly (:data:`MEASURE_NORMS_UP_TO`), so radii away from those ε are
         slightly smaller (all sound; at ε ``certified`` is at least that of ``fast=False`` up to
         rounding-level differences between the two centres).
         ``fast=False``: the certified program throughout (relaxed certificates always use it).
@@ -343,7 +353,8 @@ class GloroNet(nn.Module):
         if relax is not None:
             logits, margins, adjust, _ = self._margin_pass(x, arithmetic, fused=False)
             return relaxed.certify_relaxed(margins, logits, relax, eps, arithmetic, adjust)
-        logits, margins, adjust, unsure = self._margin_pass(x, arithmetic, fused=fast)
+        bounds = self._sound_bounds()  # checked once: every pass of this call reads the same model
+        logits, margins, adjust, unsure = self._margin_pass(x, arithmetic, fused=fast, bounds=bounds)
         logits = logits.detach().to(torch.float64)
         pred = logits.argmax(dim=1)
         radius = adjust(radius_mod.certified_radii(margins, pred))
@@ -357,12 +368,13 @@ class GloroNet(nn.Module):
             recheck |= _short_of(radius, exact, at)
         if bool(recheck.any()):
             rows = recheck.nonzero()[:, 0]
-            again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False)
+            again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False, bounds=bounds)
             pred2 = again.detach().argmax(dim=1).to(pred.device)
             radius2 = adjust2(radius_mod.certified_radii(margins2, pred2)).to(radius.device)
             if arithmetic == "float":  # still short: also around a float64 centre (both radii proven for pred2)
                 short = _short_of(radius2, exact[rows], at).nonzero()[:, 0]
-                sharper = self._float64_centre_radii(x[rows[short].to(x.device)], pred2[short]) if len(short) else None
+                sharper = (self._float64_centre_radii(x[rows[short].to(x.device)], pred2[short], bounds)
+                           if len(short) else None)
                 if sharper is not None:
                     radius2[short] = torch.maximum(radius2[short], sharper.to(radius2.device))
             radius[rows] = torch.where(pred2 == pred[rows], torch.maximum(radius2, radius[rows]), radius2)
@@ -371,7 +383,7 @@ class GloroNet(nn.Module):
         return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits,
                            epsilon=eps, arithmetic=arithmetic)
 
-    def _margin_pass(self, x: torch.Tensor, arithmetic: str, fused: bool = False):
+    def _margin_pass(self, x: torch.Tensor, arithmetic: str, fused: bool = False, bounds: _Bounds | None = None):
         """The certifying forward pass: ``(logits, MarginBounds, adjust, unsure)``, where ``adjust``
         maps radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus
         the cast to the model's dtype; 0 for non-finite inputs, logits or bounds).
@@ -379,14 +391,15 @@ class GloroNet(nn.Module):
         ``fused``: the pass runs fused kernels (its centre error from their models) and ``unsure``
         (B,) flags the rows where the certified program's prediction may differ from the pass's
         (:func:`gloronet.radius.fused_may_differ`); otherwise the pass is the certified program
-        itself and ``unsure`` is None."""
+        itself and ``unsure`` is None. ``bounds``: :meth:`_sound_bounds`, when the caller has just
+        checked them (one ``certify`` call)."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
             todo = (": convert uint8 pixels with x.float() / 255 (gloronet.certify.certify_dataset takes uint8 as is)"
                     if torch.is_tensor(x) and x.dtype == torch.uint8 else "")
             raise ValueError(f"certify expects a floating-point batch tensor (B, ...) in the model's input range, got "
                              f"{got}{todo}")
-        bounds = self._sound_bounds()
+        bounds = self._sound_bounds() if bounds is None else bounds
         device = next(iter(self.parameters())).device
         xc = x.to(device=device, dtype=bounds.dtype, copy=True)
         sound_fp = arithmetic == "float"
@@ -395,7 +408,8 @@ class GloroNet(nn.Module):
         try:
             with kernels.sound_kernels(), kernels.no_autocast(device.type), (
                     accumulate.fused() if fused else contextlib.nullcontext()):
-                h, norms, shapes = _run_steps(xc, bounds.steps, measure=sound_fp or fused)
+                h, norms, shapes = _run_steps(xc, bounds.steps, measure=sound_fp or fused,
+                                              measure_up_to=MEASURE_NORMS_UP_TO if fused else None)
                 logits = self.head(h)
         finally:
             for m, mode in modes:  # restore each module's own mode (not recursively)
@@ -409,7 +423,9 @@ class GloroNet(nn.Module):
             except UnboundedLayerError:
                 if sound_fp:
                     raise
-                return self._margin_pass(x, arithmetic, fused=False)  # exact arithmetic needs no error model
+                return self._margin_pass(x, arithmetic, fused=False, bounds=bounds)  # exact arithmetic: no error model
+        if profile is not None:  # the norms the fused pass did not measure, from its error models
+            norms = radius_mod.propagated_norms(profile.fused if fused else profile.models, norms)
         errors = None if profile is None else radius_mod.body_errors(profile, norms, fused_centre=fused)  # once, for both
         margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile if sound_fp else None, norms, h,
                                            fused_centre=fused, errors=errors)
@@ -418,23 +434,27 @@ class GloroNet(nn.Module):
         finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
         return logits, margins, _adjuster(_finite_rows(logits, finite_x, bounds.K), _cast_shift(x, xc)), unsure
 
-    def _float64_centre_radii(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor | None:
+    def _float64_centre_radii(self, x: torch.Tensor, pred: torch.Tensor, bounds: _Bounds | None = None) -> torch.Tensor | None:
         """(B,) radii within which the certified (float32) program predicts ``pred`` strictly,
         from a float64 centre pass (:mod:`gloronet.centre64`: ``Pc`` ~2⁻²⁹ of the float32 one);
         None where the model is not float32 or its body has a step that pass cannot evaluate."""
-        found = self._float64_centre_pass(x)
+        found = self._float64_centre_pass(x, bounds)
         if found is None:
             return None
         margins, adjust = found
         return adjust(radius_mod.certified_radii(margins, pred.to(margins.y.device)))
 
-    def _float64_centre_pass(self, x: torch.Tensor):
+    def _float64_centre_pass(self, x: torch.Tensor, bounds: _Bounds | None = None):
         """``(MarginBounds, adjust)`` of the certified program around a float64 centre (as
         :meth:`_margin_pass` returns them), or None (see :meth:`_float64_centre_radii`)."""
-        bounds = self._sound_bounds()
-        # the head is re-evaluated in float64 from the centre's body output (Head.reevaluate: float32 models)
-        steps64 = centre64.float64_steps(bounds.steps) if bounds.head.reevaluate else None
-        if bounds.dtype != torch.float32 or steps64 is None:
+        bounds = self._sound_bounds() if bounds is None else bounds
+        if not bounds.steps64_made:  # float64 copies of the weights, kept while the bounds are valid
+            # the head is re-evaluated in float64 from the centre's body output (Head.reevaluate: float32 models)
+            usable = bounds.dtype == torch.float32 and bounds.head.reevaluate
+            bounds.steps64 = centre64.float64_steps(bounds.steps) if usable else None
+            bounds.steps64_made = True
+        steps64 = bounds.steps64
+        if steps64 is None:
             return None
         device = next(iter(self.parameters())).device
         xc = x.to(device=device, dtype=bounds.dtype, copy=True)
@@ -476,20 +496,32 @@ class GloroNet(nn.Module):
         return f"epsilon={self.epsilon}"
 
 
-def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None):
+def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None, measure_up_to: float | None = None):
     """``(output, norms, shapes)`` of running the body's ``steps`` on ``h``: the per-example input
     shape of every step and, with ``measure``, upper bounds of ‖input‖ of every step and of the
     output (re-used after steps that never lengthen: :func:`never_increases_norm`). ``calls``: what
-    evaluates each step instead of the step itself (:func:`gloronet.centre64.float64_steps`)."""
-    norms, shapes, measured = [], [], True
+    evaluates each step instead of the step itself (:func:`gloronet.centre64.float64_steps`).
+    ``measure_up_to``: activations with more than this many times the input's elements per example
+    are not measured (None in ``norms``: :func:`gloronet.radius.propagated_norms` bounds them); the
+    input and the output always are."""
+    norms, shapes, fresh = [], [], True
+    limit = None if measure_up_to is None else measure_up_to * math.prod(h.shape[1:])
+
+    def bound(a: torch.Tensor, last: bool):
+        if not fresh and (norms[-1] is not None or not last):
+            return norms[-1]
+        if norms and not last and limit is not None and math.prod(a.shape[1:]) > limit:
+            return None
+        return fp.norm_upper(a)
+
     for i, step in enumerate(steps):
         shapes.append(tuple(h.shape[1:]))
         if measure:
-            norms.append(fp.norm_upper(h) if measured else norms[-1])
-            measured = not never_increases_norm(step)
+            norms.append(bound(h, last=False))
+            fresh = not never_increases_norm(step)
         h = step(h) if calls is None else calls[i](h)
     if measure:
-        norms.append(fp.norm_upper(h) if measured else norms[-1])
+        norms.append(bound(h, last=True))
     return h, norms, shapes
 
 

@@ -6,7 +6,7 @@ chunked sums, :mod:`gloronet.nn.accumulate`; ``rel_s``, ``abs_s``) and one of th
 measured the centre (usually the fused kernels, ``rel^c_s``, ``abs^c_s``; the same models when the
 centre was computed by the certified program itself). ``ĉ_s`` is the activation entering step
 ``s`` in the pass ``certify`` ran at ``x`` (``ĉ_S`` enters the head), ``ρ̂_s ≥ ‖ĉ_s‖`` its
-measured norm; ``L_s`` the product of the Lipschitz bounds of the steps before ``s``. For any
+measured norm (or one propagated from ``ρ̂_{s−1}``: :func:`propagated_norms`); ``L_s`` the product of the Lipschitz bounds of the steps before ``s``. For any
 ``x'`` with ``‖x' − x‖ ≤ r`` and ``a_s(·)`` the exact, ``â_s(·)`` the certified program's
 activations:
 
@@ -133,6 +133,22 @@ def make_profile(models, head: Head, dtype, fused=None) -> Profile:
                    tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,))
 
 
+def propagated_norms(models, norms: list) -> list[torch.Tensor]:
+    """``norms`` with each missing (None) ``ρ̂_{s+1}`` bounded from ``ρ̂_s`` by the error model of the
+    pass that computed ``ĉ_{s+1}`` (``models``, one per step): ``‖φ̂(a)‖ ≤ ‖φ(0)‖ + ‖φ(a) − φ(0)‖ +
+    ‖φ̂(a) − φ(a)‖ ≤ offset + (lip + rel)‖a‖ + abs`` (:class:`gloronet.fp.ErrorModel`). Sound
+    wherever the error model holds, which the overflow cap of :func:`margin_bounds` checks against
+    these same bounds step by step; ``norms[0]`` (the input) must be measured."""
+    if norms[0] is None or len(norms) != len(models) + 1:
+        raise ValueError("propagated_norms: the input's norm must be measured, and there is one model per step")
+    if all(n is not None for n in norms):
+        return norms
+    out = [norms[0]]
+    for m, measured in zip(models, norms[1:]):
+        out.append(measured if measured is not None else _up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs))
+    return out
+
+
 def body_errors(profile: Profile, norms: list[torch.Tensor], fused_centre: bool):
     """``(Pc_S, P_S, balls)`` of the module docstring at ``r = 0``: the centre's error, the certified
     program's error bound at ``x`` beyond it, and ``ρ̂_s + Pc_s + P_s`` for ``s = 0..S`` (all (B,)
@@ -151,7 +167,7 @@ def body_errors(profile: Profile, norms: list[torch.Tensor], fused_centre: bool)
 def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Tensor) -> torch.Tensor:
     """(B,) True where the certified program's prediction at ``x`` may differ from ``argmax`` of
     ``logits``, the fused pass's logits at ``x``; ``errors`` is :func:`body_errors` of that pass
-    (its measured norms, ``fused_centre=True``).
+    (its norms, ``fused_centre=True``).
 
     At ``r = 0`` (:func:`body_errors` with the fused centre) the fused body output lies within
     ``Pc`` of the exact one and the certified program's within ``Pc + P`` of the fused one, so

@@ -1,0 +1,90 @@
+"""The norms the fused pass does not measure (issue 18): ``certify``'s first pass and the eval
+forward read ‖activation‖ again only where it holds at most :data:`gloronet.gloro.MEASURE_NORMS_UP_TO`
+times the input's elements, and bound the others from the step's error model
+(:func:`gloronet.radius.propagated_norms`: ``offset + (lip + rel)ρ + abs``).
+
+* the propagated bound holds for the activations the fused kernels compute, on every registered
+  architecture, with large biases (the ``offset`` term: a zero input) and saturated inputs;
+* the fused passes measure exactly the activations within the limit (always the input and the
+  body's output), the certified program's own passes measure every one;
+* a missing input norm, or a model list that does not match the steps, is refused.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gloronet
+from gloronet import fp, kernels, radius
+from gloronet.gloro import MEASURE_NORMS_UP_TO, _run_steps
+from gloronet.nn import accumulate
+
+from test_fused_pass import ARCHITECTURES
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _with_large_biases(net: gloronet.GloroNet) -> gloronet.GloroNet:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.body.modules():
+            b = m._parameters.get("bias")
+            if b is not None:
+                b.copy_(3 * torch.randn(b.shape, generator=g))
+    return net
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_propagated_bounds_hold_for_the_activations_the_fused_kernels_compute(name):
+    torch.manual_seed(0)
+    net = _with_large_biases(gloronet.models.create(name, (1, 28, 28), 10, 0.3)).eval()
+    x = torch.cat([torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28), torch.rand(6, 1, 28, 28)])
+    bounds = net._sound_bounds()
+    with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
+        acts, h = [], x
+        for step in bounds.steps:
+            acts.append(h)
+            h = step(h)
+        acts.append(h)
+        _, sparse, shapes = _run_steps(x, bounds.steps, measure=True, measure_up_to=0)
+    assert sparse[0] is not None and sparse[-1] is not None and all(n is None for n in sparse[1:-1])
+    profile = net._profile(bounds, tuple(shapes))
+    propagated = radius.propagated_norms(profile.fused, sparse)
+    for s, (bound, a) in enumerate(zip(propagated, acts)):
+        true = a.double().flatten(1).norm(dim=1)  # float64 norm of the float32 values: exact to ~1e-16
+        assert bool((bound >= true * (1 + 1e-12)).all()), f"{name}: step {s} ({type(bounds.steps[min(s, len(acts) - 2)]).__name__})"
+    first_affine = next(s for s, m in enumerate(profile.fused) if m.offset > 0)
+    assert float(acts[first_affine + 1][0].double().norm()) > 1  # the zero input's output is the bias alone
+
+
+def test_the_fused_passes_measure_exactly_the_activations_within_the_limit(monkeypatch):
+    torch.manual_seed(0)
+    net = gloronet.models.create("4c3f", (1, 28, 28), 10, 1.58).eval()
+    x = torch.rand(4, 1, 28, 28)
+    sizes: list[int] = []
+    original = fp.norm_upper
+    monkeypatch.setattr(fp, "norm_upper", lambda h: sizes.append(math.prod(h.shape[1:])) or original(h))
+    limit = MEASURE_NORMS_UP_TO * 784
+    with torch.no_grad(), kernels.sound_kernels():
+        acts, h = [], x
+        for step in net._sound_bounds().steps:
+            h = step(h)
+            acts.append(math.prod(h.shape[1:]))
+    assert max(acts) > limit  # the 4C3F's first convolution output (32×28×28) is over the limit
+    for run in (lambda: net(x), lambda: net._margin_pass(x, "float", fused=True)):
+        sizes.clear()
+        run()
+        assert sizes and max(sizes) <= limit and sizes[0] == 784 and sizes[-1] == acts[-1], sizes
+    sizes.clear()
+    net._margin_pass(x, "float", fused=False)  # the certified program's own pass: every norm measured
+    assert max(sizes) == max(acts)
+
+
+def test_propagation_refuses_a_missing_input_norm_or_a_model_list_of_another_length():
+    m = fp.ErrorModel(lip=1.0)
+    with pytest.raises(ValueError, match="input's norm"):
+        radius.propagated_norms([m], [None, torch.ones(2)])
+    with pytest.raises(ValueError, match="one model per step"):
+        radius.propagated_norms([m, m], [torch.ones(2), None])
