@@ -7,6 +7,8 @@ times the input's elements, and bound the others from the step's error model
   architecture, with large biases (the ``offset`` term: a zero input) and saturated inputs;
 * the fused passes measure exactly the activations within the limit (always the input and the
   body's output), the certified program's own passes measure every one;
+* the step's own rounding (``rel``) counts: a dense row applied to its own direction computes past
+  ``lip·‖a‖`` by rounding alone;
 * a missing input norm, or a model list that does not match the steps, is refused.
 """
 from __future__ import annotations
@@ -88,3 +90,29 @@ def test_propagation_refuses_a_missing_input_norm_or_a_model_list_of_another_len
         radius.propagated_norms([m], [None, torch.ones(2)])
     with pytest.raises(ValueError, match="one model per step"):
         radius.propagated_norms([m, m], [torch.ones(2), None])
+
+
+def test_the_steps_own_rounding_counts_where_the_lipschitz_bound_is_attained():
+    """A 4096-term dense row applied to its own direction attains its Lipschitz bound (``lip`` is
+    within 1e-12 of ‖w‖), so the computed output passes ``lip·‖a‖`` whenever the float32 sum rounds
+    up: only the step's ``rel`` term covers it."""
+    from gloronet.nn import LipLinear
+    from gloronet.nn.base import error_model_of, lipschitz_bound_of
+
+    g = torch.Generator().manual_seed(1)
+    past, checked = 0, 0
+    for _ in range(24):
+        layer = LipLinear(4096, 1, bias=False).eval()
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(1, 4096, generator=g) + 0.5)
+        lip = lipschitz_bound_of(layer)
+        a = layer.weight.detach().clone()
+        rho = torch.nextafter(a.double().norm(dim=1), torch.tensor(math.inf, dtype=torch.float64))  # ≥ ‖a‖, tight
+        with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
+            out = layer(a).double().norm(dim=1)
+            model = error_model_of(layer, (4096,), torch.float32, lip)
+        bound = radius.propagated_norms([model], [rho, None])[1]
+        assert bool((bound >= out).all())
+        past += int((out > lip * rho).sum())
+        checked += 1
+    assert checked == 24 and past > 0  # the construction bites: without rel the bound would fail
