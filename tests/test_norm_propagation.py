@@ -5,8 +5,9 @@ times the input's elements, and bound the others from the step's error model
 
 * the propagated bound holds for the activations the fused kernels compute, on every registered
   architecture, with large biases (the ``offset`` term: a zero input) and saturated inputs;
-* the fused passes measure exactly the activations within the limit (always the input and the
-  body's output), the certified program's own passes measure every one;
+* the fused passes measure exactly the activations within the limit (always the input, the
+  body's output and the one after an unmeasured one), the certified program's own passes measure
+  every one;
 * the step's own rounding (``rel``) counts: a dense row applied to its own direction computes past
   ``lip·‖a‖`` by rounding alone;
 * a missing input norm, or a model list that does not match the steps, is refused.
@@ -50,8 +51,8 @@ def test_propagated_bounds_hold_for_the_activations_the_fused_kernels_compute(na
             acts.append(h)
             h = step(h)
         acts.append(h)
-        _, sparse, shapes = _run_steps(x, bounds.steps, measure=True, measure_up_to=0)
-    assert sparse[0] is not None and sparse[-1] is not None and all(n is None for n in sparse[1:-1])
+        _, measured, shapes = _run_steps(x, bounds.steps, measure=True)
+    sparse = [measured[0]] + [None] * (len(measured) - 2) + [measured[-1]]  # every step's bound propagated
     profile = net._profile(bounds, tuple(shapes))
     propagated = radius.propagated_norms(profile.fused, sparse)
     for s, (bound, a) in enumerate(zip(propagated, acts)):
@@ -59,6 +60,22 @@ def test_propagated_bounds_hold_for_the_activations_the_fused_kernels_compute(na
         assert bool((bound >= true * (1 + 1e-12)).all()), f"{name}: step {s} ({type(bounds.steps[min(s, len(acts) - 2)]).__name__})"
     first_affine = next(s for s, m in enumerate(profile.fused) if m.offset > 0)
     assert float(acts[first_affine + 1][0].double().norm()) > 1  # the zero input's output is the bias alone
+
+
+@pytest.mark.parametrize("name", ["4c3f", "liresnet-6l32w"])
+def test_the_sparse_pass_never_leaves_two_activations_in_a_row_unmeasured(name):
+    """With every activation over the limit (``measure_up_to=0``), one in two changes of norm is
+    still measured: a propagated bound never spans two steps, however deep the body."""
+    torch.manual_seed(0)
+    net = gloronet.models.create(name, (1, 28, 28), 10, 0.3).eval()
+    steps = net._sound_bounds().steps
+    with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
+        _, norms, _ = _run_steps(torch.rand(2, 1, 28, 28), steps, measure=True, measure_up_to=0)
+    fresh = [0] + [s + 1 for s, step in enumerate(steps) if not gloronet.nn.base.never_increases_norm(step)]
+    decided = [norms[s] is not None for s in fresh]  # measured where the norm may have changed
+    assert norms[0] is not None and norms[-1] is not None
+    assert not any(not a and not b for a, b in zip(decided, decided[1:])), decided
+    assert decided.count(False) >= 2  # the sparse pass does skip
 
 
 def test_the_fused_passes_measure_exactly_the_activations_within_the_limit(monkeypatch):

@@ -149,9 +149,10 @@ class _Bounds:
 ARITHMETIC = ("float", "exact")
 RECHECK_BELOW = 1e-3  # certify rechecks rows with fused radius ≤ ε < exact-arithmetic radius / (1 − this)
 # The fused pass measures ‖activation‖ only where an example's activation has at most this many times as
-# many elements as its input (and always the input and the body's output); a larger one — a convolution's
-# wide early output, which costs 2-4% of the pass to read again — gets the bound the step's error model
-# propagates (radius.propagated_norms): looser, so a few more rows are measured again by the chunked program.
+# many elements as its input (and always the input, the body's output, and the activation after one it did
+# not measure); a larger one — a convolution's wide early output, which costs 2-4% of the pass to read
+# again — gets the bound the step's error model propagates (radius.propagated_norms): looser, so a few
+# more rows are measured again by the chunked program.
 MEASURE_NORMS_UP_TO = 8
 
 
@@ -501,18 +502,19 @@ def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None, measure_up_to:
     shape of every step and, with ``measure``, upper bounds of ‖input‖ of every step and of the
     output (re-used after steps that never lengthen: :func:`never_increases_norm`). ``calls``: what
     evaluates each step instead of the step itself (:func:`gloronet.centre64.float64_steps`).
-    ``measure_up_to``: activations with more than this many times the input's elements per example
-    are not measured (None in ``norms``: :func:`gloronet.radius.propagated_norms` bounds them); the
-    input and the output always are."""
-    norms, shapes, fresh = [], [], True
+    ``measure_up_to``: an activation with more than this many times the input's elements per example
+    is not measured (None in ``norms``: :func:`gloronet.radius.propagated_norms` bounds it) unless
+    the one before it was not either — a propagated bound never spans two steps; the input and the
+    output always are measured."""
+    norms, shapes, fresh, skipped = [], [], True, False
     limit = None if measure_up_to is None else measure_up_to * math.prod(h.shape[1:])
 
     def bound(a: torch.Tensor, last: bool):
+        nonlocal skipped
         if not fresh and (norms[-1] is not None or not last):
             return norms[-1]
-        if norms and not last and limit is not None and math.prod(a.shape[1:]) > limit:
-            return None
-        return fp.norm_upper(a)
+        skipped = bool(norms) and not last and not skipped and limit is not None and math.prod(a.shape[1:]) > limit
+        return None if skipped else fp.norm_upper(a)
 
     for i, step in enumerate(steps):
         shapes.append(tuple(h.shape[1:]))
