@@ -215,6 +215,8 @@ MUTANTS = [
      "propagated norms: the step's own rounding (rel) dropped"),
     (GL, "norms = radius_mod.propagated_norms(profile.fused if fused else profile.models, norms)",
      "norms = radius_mod.propagated_norms(profile.models, norms)", "propagated norms: the certified program's models for the fused pass"),
+    (RA, " & torch.isfinite(delta)) | _may_overflow(profile, balls)", " & torch.isfinite(delta))",
+     "guard: rows that may overflow at x vouched for"),
 ]
 
 

@@ -10,6 +10,8 @@ times the input's elements, and bound the others from the step's error model
   every one;
 * the step's own rounding (``rel``) counts: a dense row applied to its own direction computes past
   ``lip·‖a‖`` by rounding alone;
+* the guard never vouches for a row whose values may overflow at ``x`` (a propagated bound holds
+  only up to the first overflow);
 * a missing input norm, or a model list that does not match the steps, is refused.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ import pytest
 import torch
 
 import gloronet
-from gloronet import fp, kernels, radius
+from gloronet import fp, kernels, pretrained, radius
+from gloronet.data import load_dataset
 from gloronet.gloro import MEASURE_NORMS_UP_TO, _run_steps
 from gloronet.nn import accumulate
 
@@ -133,3 +136,28 @@ def test_the_steps_own_rounding_counts_where_the_lipschitz_bound_is_attained():
         past += int((out > lip * rho).sum())
         checked += 1
     assert checked == 24 and past > 0  # the construction bites: without rel the bound would fail
+
+
+def test_rows_whose_values_may_overflow_are_never_vouched_for():
+    """A propagated norm is a bound only up to the first overflow (which a ReLU after it can hide
+    from every norm measured later), so the guard flags a row unless every step's values provably
+    stay below the overflow threshold at ``x``."""
+    net = pretrained.load("mnist-2c2f-eps0.3")
+    x = load_dataset("mnist", "test", limit=16)[0]
+    bounds = net._sound_bounds()
+    with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
+        h, norms, shapes = _run_steps(x, bounds.steps, measure=True)
+        logits = net.head(h)
+    profile = net._profile(bounds, tuple(shapes))
+    pc, p, balls = radius.body_errors(profile, norms, fused_centre=True)
+    assert not bool(radius._may_overflow(profile, balls).any())
+    base = radius.fused_may_differ(profile, bounds.D, (pc, p, balls), logits)
+    sure = (~base).nonzero()[:, 0]
+    assert len(sure) >= 2
+    huge = [b.clone() for b in balls]
+    huge[1][sure[0]] = profile.threshold  # the first step's input may be as long as the threshold
+    huge[-2][sure[1]] = math.nan
+    flagged = radius._may_overflow(profile, huge)
+    assert flagged.nonzero()[:, 0].tolist() == sorted(sure[:2].tolist())
+    # only the balls changed (the margin test itself still passes): the range check alone flags them
+    assert radius.fused_may_differ(profile, bounds.D, (pc, p, huge), logits).equal(base | flagged)

@@ -176,7 +176,10 @@ def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Te
     ``γ_F ≥ γ_C``), so the certified margin ``ŷ^C_j − ŷ^C_i ≥ ŷ^F_j − ŷ^F_i − D_ji δ − E_j − E_i``
     with ``E_k = (γ_F + γ_C)(‖w_k‖(ρ̂_S + δ) + |b_k|) + 2(1+γ_F)(λ-terms)``. Where that is positive
     for every ``i ≠ j = argmax ŷ^F``, the certified program predicts ``j`` strictly; elsewhere
-    (and for non-finite values) the row is flagged."""
+    (and for non-finite values) the row is flagged. All of it holds only where neither program
+    overflows at ``x``, so rows where :func:`_may_overflow` cannot rule that out are flagged too
+    (a propagated norm, :func:`propagated_norms`, is itself a bound only up to the first overflow,
+    which a later step such as ReLU may hide from the values measured after it)."""
     hd = profile.head
     y = logits.detach().to(torch.float64)
     dev = y.device
@@ -191,7 +194,22 @@ def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Te
     need = _up(D.to(dev)[pred] * delta[:, None] + err.gather(1, idx) + err)
     sure = _down(y.gather(1, idx) - y) > need
     sure |= torch.nn.functional.one_hot(pred, y.shape[1]).bool()
-    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta))
+    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta)) | _may_overflow(profile, balls)
+
+
+def _may_overflow(profile: Profile, balls) -> torch.Tensor:
+    """(B,) True unless every value either program computes at ``x`` provably stays finite: step
+    ``s`` sees an input of norm ``≤ ball_s`` (:func:`body_errors`) and computes values of magnitude
+    ``≤ peak_rel·ball_s + peak_abs`` with the larger of its two programs' coefficients, below
+    ``profile.threshold`` (step by step: each ball is a bound only if the steps before it did not
+    overflow)."""
+    dev = balls[0].device
+    steps = list(zip(profile.models, profile.fused))
+    rel = [max(m.peak_rel, c.peak_rel) for m, c in steps] + [profile.head.peak_rel]
+    abs_ = [max(m.peak_abs, c.peak_abs) for m, c in steps] + [profile.head.peak_abs]
+    column = lambda v: torch.tensor(v, dtype=torch.float64, device=dev)[:, None]  # noqa: E731
+    reach = _up(column(abs_) + column(rel) * torch.stack([b.to(dev) for b in balls]))
+    return ~(reach <= profile.threshold).all(dim=0)  # NaN compares False: flagged
 
 
 def _overflow_radius(peak_rel, peak_abs, rho0: torch.Tensor, slope, threshold: float) -> torch.Tensor:
