@@ -137,8 +137,9 @@ def propagated_norms(models, norms: list) -> list[torch.Tensor]:
     """``norms`` with each missing (None) ``ρ̂_{s+1}`` bounded from ``ρ̂_s`` by the error model of the
     pass that computed ``ĉ_{s+1}`` (``models``, one per step): ``‖φ̂(a)‖ ≤ ‖φ(0)‖ + ‖φ(a) − φ(0)‖ +
     ‖φ̂(a) − φ(a)‖ ≤ offset + (lip + rel)‖a‖ + abs`` (:class:`gloronet.fp.ErrorModel`). Sound
-    wherever the error model holds, which the overflow cap of :func:`margin_bounds` checks against
-    these same bounds step by step; ``norms[0]`` (the input) must be measured."""
+    wherever the error model holds, i.e. up to the first overflow: the overflow cap of
+    :func:`margin_bounds` and the guard's :func:`_may_overflow` check that against these same
+    bounds, step by step; ``norms[0]`` (the input) must be measured."""
     if norms[0] is None or len(norms) != len(models) + 1:
         raise ValueError("propagated_norms: the input's norm must be measured, and there is one model per step")
     if all(n is not None for n in norms):
