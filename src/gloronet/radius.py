@@ -6,9 +6,9 @@ chunked sums, :mod:`gloronet.nn.accumulate`; ``rel_s``, ``abs_s``) and one of th
 measured the centre (usually the fused kernels, ``rel^c_s``, ``abs^c_s``; the same models when the
 centre was computed by the certified program itself). ``ĉ_s`` is the activation entering step
 ``s`` in the pass ``certify`` ran at ``x`` (``ĉ_S`` enters the head), ``ρ̂_s ≥ ‖ĉ_s‖`` its
-measured norm (or one propagated from ``ρ̂_{s−1}``: :func:`propagated_norms`); ``L_s`` the product of the Lipschitz bounds of the steps before ``s``. For any
-``x'`` with ``‖x' − x‖ ≤ r`` and ``a_s(·)`` the exact, ``â_s(·)`` the certified program's
-activations:
+measured norm (or one propagated from ``ρ̂_{s−1}``: :func:`propagated_norms`); ``L_s`` the
+product of the Lipschitz bounds of the steps before ``s``. For any ``x'`` with ``‖x' − x‖ ≤ r``
+and ``a_s(·)`` the exact, ``â_s(·)`` the certified program's activations:
 
 * centre error ``‖ĉ_s − a_s(x)‖ ≤ Pc_s``:  ``Pc_{s+1} = lip_s Pc_s + rel^c_s ρ̂_s + abs^c_s``;
 * the computed activation at ``x'`` lies within ``Pc_s + L_s r + Δ_s`` of ``ĉ_s`` where
@@ -208,9 +208,15 @@ def _may_overflow(profile: Profile, balls) -> torch.Tensor:
     steps = list(zip(profile.models, profile.fused))
     rel = [max(m.peak_rel, c.peak_rel) for m, c in steps] + [profile.head.peak_rel]
     abs_ = [max(m.peak_abs, c.peak_abs) for m, c in steps] + [profile.head.peak_abs]
-    column = lambda v: torch.tensor(v, dtype=torch.float64, device=dev)[:, None]  # noqa: E731
-    reach = _up(column(abs_) + column(rel) * torch.stack([b.to(dev) for b in balls]))
-    return ~(reach <= profile.threshold).all(dim=0)  # NaN compares False: flagged
+    rho = torch.stack([b.to(dev) for b in balls])
+    flat = _column([0.0] * len(rel), dev)  # at r = 0: no growth
+    room = _overflow_radius(_column(rel, dev), _column(abs_, dev), rho, flat, profile.threshold)
+    return ~(room > 0)  # at r = 0 the cap is inf where every step fits, else 0 (NaN too)
+
+
+def _column(values, device) -> torch.Tensor:
+    """``values`` as a float64 column (S, 1) on ``device``."""
+    return torch.tensor(values, dtype=torch.float64, device=device)[:, None]
 
 
 def _overflow_radius(peak_rel, peak_abs, rho0: torch.Tensor, slope, threshold: float) -> torch.Tensor:
@@ -277,9 +283,8 @@ def margin_bounds(
     hd = profile.head
     rho = norms[-1].to(dev)
     grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
-    column = lambda v: torch.tensor(v, dtype=torch.float64, device=dev)[:, None]  # noqa: E731
-    cap = _overflow_radius(column(profile.peak_rel), column(profile.peak_abs), torch.stack(balls),
-                           column([a + b for a, b in zip(profile.prefix_lip, profile.q)]), profile.threshold)
+    cap = _overflow_radius(_column(profile.peak_rel, dev), _column(profile.peak_abs, dev), torch.stack(balls),
+                           _column([a + b for a, b in zip(profile.prefix_lip, profile.q)], dev), profile.threshold)
     h = head_input.detach().flatten(1).to(torch.float64)
     w, b, row = hd.weight.to(dev), hd.bias.to(dev), hd.row_norm.to(dev)
     reach = _up(h.abs() @ hd.abs_weight.to(dev).t() + b.abs())  # (B, C) Σ|w_kt||ĉ_t| + |b_k|
