@@ -20,6 +20,7 @@ predictions are always the certified program's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -141,9 +142,14 @@ class _Bounds:
     head: radius_mod.Head
     profiles: dict = field(default_factory=dict)  # input shapes -> radius.Profile
     fused_ok: bool = True  # False once a step turned out to have no error model (the eval forward then runs chunked)
-    # gloronet.centre64.float64_steps(steps) (float64 copies of the weights), made on first use; None: unsupported
-    steps64: list | None = None
-    steps64_made: bool = False
+
+    @functools.cached_property
+    def steps64(self) -> list | None:
+        """:func:`gloronet.centre64.float64_steps` of the body (float64 copies of the weights), made
+        on first use and kept while these bounds are; None where the float64 centre does not apply
+        (a float64 model, or a head not re-evaluated in float64: :attr:`radius.Head.reevaluate`)."""
+        usable = self.dtype == torch.float32 and self.head.reevaluate
+        return centre64.float64_steps(self.steps) if usable else None
 
 
 ARITHMETIC = ("float", "exact")
@@ -359,11 +365,9 @@ class GloroNet(nn.Module):
         logits = logits.detach().to(torch.float64)
         pred = logits.argmax(dim=1)
         radius = adjust(radius_mod.certified_radii(margins, pred))
-        if unsure is None:
-            return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits, epsilon=eps,
-                               arithmetic=arithmetic)
-        recheck = unsure.to(radius.device)
-        if arithmetic == "float":  # where the fused centre's larger error may be what stands between the point and ε
+        fused_pass = unsure is not None  # fast: rows it cannot vouch for, or just short of an ε, are measured again
+        recheck = unsure.to(radius.device) if fused_pass else torch.zeros_like(radius, dtype=torch.bool)
+        if fused_pass and arithmetic == "float":  # where the fused centre's larger error may stand between the point and ε
             exact = adjust(radius_mod.certified_radii(radius_mod.margin_bounds(logits, margins.K, None, None), pred))
             at = [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]
             recheck |= _short_of(radius, exact, at)
@@ -449,11 +453,6 @@ class GloroNet(nn.Module):
         """``(MarginBounds, adjust)`` of the certified program around a float64 centre (as
         :meth:`_margin_pass` returns them), or None (see :meth:`_float64_centre_radii`)."""
         bounds = self._sound_bounds() if bounds is None else bounds
-        if not bounds.steps64_made:  # float64 copies of the weights, kept while the bounds are valid
-            # the head is re-evaluated in float64 from the centre's body output (Head.reevaluate: float32 models)
-            usable = bounds.dtype == torch.float32 and bounds.head.reevaluate
-            bounds.steps64 = centre64.float64_steps(bounds.steps) if usable else None
-            bounds.steps64_made = True
         steps64 = bounds.steps64
         if steps64 is None:
             return None
