@@ -1,23 +1,30 @@
 """The float64 centre of certify's re-measured rows (:mod:`gloronet.centre64`).
 
-1. Which bodies it evaluates: exactly the conv / dense / MinMax / Flatten steps whose map is fixed
-   by their float32 tensors; any other step (a subclass, an SLL block, a residual stack) refuses.
+1. Which bodies it evaluates: exactly the conv / dense / LiResNet block / input shift / MinMax /
+   Flatten steps whose map is fixed by their float32 tensors; any other step (a subclass, an SLL
+   block, an orthogonal layer) refuses.
 2. Same real map: each float64 step stays within the float32 step's own error model of the
    float32 output (a different weight or bias would not).
 3. Its margin bounds hold for the certified program: at ``x`` and at points ``x'`` within the
    radius, the float32 chunked program's margins are at least ``low − slope·‖x' − x‖``.
 4. certify uses it: on the shipped 4C3F, rows re-measured this way certify at least as far as
-   with the chunked centre, and some farther.
+   with the chunked centre, and some farther. (Checked on the shipped 4C3F and on a LiResNet with
+   non-zero shifts.)
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from gloronet import centre64, models, pretrained
+from gloronet.models.liresnet import InputShift
 from gloronet.data import load_dataset
 from gloronet.gloro import _run_steps, error_model_of
 from gloronet.nn import AOLLinear, LipLinear, SLLLinear, accumulate
+from gloronet.nn.residual import LiResBlock
+from gloronet.nn.state import eval_caches
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -33,14 +40,53 @@ def test_supported_bodies_only():
         pass
 
     assert centre64.float64_steps([Rescaled(4, 4)]) is None and centre64.float64_steps([LipLinear(4, 4)]) is not None
+    chord = models.create("chord-6l32w", (3, 32, 32), 10, epsilon=0.14)  # orthogonal layers derive their weights
+    assert centre64.float64_steps(chord._sound_bounds().steps) is None
+    assert chord.eval()._float64_centre_radii(torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)) is None
     lires = models.create("liresnet-6l32w", (3, 32, 32), 10, epsilon=0.14)
-    assert centre64.float64_steps(lires._sound_bounds().steps) is None
-    assert lires.eval()._float64_centre_radii(torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)) is None
+    assert centre64.float64_steps(lires._sound_bounds().steps) is not None
+
+    class Block(LiResBlock):  # a residual block that inherits float64_map but not the class: refused
+        pass
+
+    assert centre64.float64_steps([Block(4, 8)]) is None and centre64.float64_steps([LiResBlock(4, 8)]) is not None
 
 
-def test_each_float64_step_is_the_float32_map():
-    net = pretrained.load("mnist-4c3f-eps1.58")
-    x = load_dataset("mnist", "test", limit=64)[0]
+def _trained_looking_liresnet():
+    """A LiResNet whose residual blocks have non-zero biases, running means and a stem shift that
+    float32 cannot represent (the float64 map must add the same rounded scalar)."""
+    torch.manual_seed(3)
+    net = models.create("liresnet-6l32w", (3, 32, 32), 10, epsilon=0.14).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, LiResBlock):
+                m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1), m.gamma.normal_(1, 0.3)
+            if isinstance(m, InputShift):
+                m.shift = -0.4914
+    return net, torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+
+def _off_by_one_percent(step):
+    """A copy of ``step`` with every floating tensor (and a shift scalar) scaled by 1.01."""
+    wrong = copy.deepcopy(step)
+    with torch.no_grad():
+        for t in [*wrong.parameters(), *wrong.buffers()]:
+            if t.is_floating_point():
+                t.mul_(1.01)
+    if isinstance(wrong, InputShift):
+        wrong.shift *= 1.01
+    for cache in eval_caches(wrong):
+        cache.clear()
+    return wrong
+
+
+@pytest.mark.parametrize("which", ["4c3f", "liresnet"])
+def test_each_float64_step_is_the_float32_map(which):
+    if which == "4c3f":
+        net = pretrained.load("mnist-4c3f-eps1.58")
+        x = load_dataset("mnist", "test", limit=64)[0]
+    else:
+        net, x = _trained_looking_liresnet()
     b = net._sound_bounds()
     steps64 = centre64.float64_steps(b.steps)
     h = x
@@ -54,13 +100,21 @@ def test_each_float64_step_is_the_float32_map():
             gap = (out32.double() - out64).flatten(1).norm(dim=1)
             allowed = m.rel * h.double().flatten(1).norm(dim=1) + m.abs
             assert bool((gap <= allowed * 1.001 + 1e-12).all()), type(step).__name__
-            if m.rel > 0:  # a wrong map (here: a weight off by one part in 100) would show
-                w = step._applied_weight().double() * (1 + 1e-2)
-                bias = None if step.bias is None else step.bias.double()
-                wrong = (step.eval_conv(h.double(), w, bias) if hasattr(step, "eval_conv")
-                         else accumulate.linear(h.double(), w, bias))
-                assert bool(((out32.double() - wrong).flatten(1).norm(dim=1) > allowed).any())
+            if m.rel > 0:  # a wrong map (tensors off by one part in 100) would show
+                with accumulate.fused():
+                    wrong = _off_by_one_percent(step).float64_map()(h.double())
+                assert bool(((out32.double() - wrong).flatten(1).norm(dim=1) > allowed).any()), type(step).__name__
             h = out32
+
+
+def test_a_float32_forward_adds_a_python_scalar_rounded_to_float32():
+    """What InputShift.float64_map assumes: ``x + s`` on a float32 tensor adds ``fl32(s)``. With
+    ``s = 2⁻²⁵ + 2⁻⁵⁰``, ``1 + fl32(s)`` is a tie that rounds to 1; ``1 + s`` would round up."""
+    s = 2.0**-25 + 2.0**-50
+    shift = InputShift(s)
+    one = torch.ones(3)
+    assert torch.equal(shift(one), one)
+    assert float(shift.float64_map()(one.double())[0]) == 1 + 2.0**-25
 
 
 def _chunked_margins(net, x, pred):
@@ -69,9 +123,13 @@ def _chunked_margins(net, x, pred):
     return y.gather(1, pred[:, None]) - y
 
 
-def test_its_margin_bounds_hold_for_the_certified_program():
-    net = pretrained.load("mnist-4c3f-eps1.58")
-    x = load_dataset("mnist", "test", limit=256)[0]
+@pytest.mark.parametrize("which", ["4c3f", "liresnet"])
+def test_its_margin_bounds_hold_for_the_certified_program(which):
+    if which == "4c3f":
+        net = pretrained.load("mnist-4c3f-eps1.58")
+        x = load_dataset("mnist", "test", limit=256)[0]
+    else:
+        net, x = _trained_looking_liresnet()
     pred = net.certify(x, fast=False).pred
     margins, _ = net._float64_centre_pass(x)
     low, slope = margins.rows(pred)

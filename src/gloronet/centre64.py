@@ -10,9 +10,11 @@ centre: the centre may come from any program whose error model is known, while `
 every statement about the model's own outputs at ``x'`` — stays that of the certified program.
 
 This is sound only where the float64 pass evaluates the same real map as the float32 program: each
-step below reads the very float32 tensors the float32 forward uses (the applied weight, the bias),
-cast exactly to float64. A step of any other type (weights or scales recomputed from parameters,
-residual blocks, normalisations, ...) makes the body unsupported, and nothing changes.
+step reads the very float32 tensors (and scalars) the float32 forward uses — the applied weight,
+the bias, a residual kernel and shift — cast exactly to float64. A layer class says how with its
+own ``float64_map()`` (``LipLinear``, ``LipConv2d``, ``LiResBlock``, ``InputShift``); a step of any
+other type, a subclass that does not define its own included (weights or scales recomputed from
+parameters, SLL blocks, normalisations, ...), makes the body unsupported, and nothing changes.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .nn import Flatten, LipConv2d, LipLinear, MinMax, accumulate
+from .nn import Flatten, MinMax
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,10 +43,5 @@ def _float64_step(m) -> Step | None:
     t = type(m)
     if t in (MinMax, Flatten):  # comparisons and reshapes: the same ops in any dtype
         return m
-    if t not in (LipLinear, LipConv2d):  # exact types: a subclass may map differently
-        return None
-    w = m._applied_weight().detach().to(torch.float64)
-    b = None if m.bias is None else m.bias.detach().to(torch.float64)
-    if t is LipLinear:
-        return lambda h: accumulate.linear(h, w, b)
-    return lambda h: m.eval_conv(h, w, b)
+    # a class's own float64_map, never an inherited one: a subclass may map differently
+    return m.float64_map() if "float64_map" in vars(t) else None

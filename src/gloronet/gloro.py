@@ -371,14 +371,6 @@ class GloroNet(nn.Module):
             exact = adjust(radius_mod.certified_radii(radius_mod.margin_bounds(logits, margins.K, None, None), pred))
             at = [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]
             recheck |= _short_of(radius, exact, at)
-        if fused_pass and arithmetic == "float" and bounds.steps64 is not None:
-            # rows the guard vouches for (chunked prediction = fused one) but short of an ε: straight
-            # to the float64 centre, whose Pc is ~2⁻²⁹ of the chunked one (no chunked pass needed)
-            direct = (recheck & ~unsure.to(recheck.device)).nonzero()[:, 0]  # (recheck is a copy of unsure, widened)
-            if len(direct):
-                sharper = self._float64_centre_radii(x[direct.to(x.device)], pred[direct], bounds)
-                radius[direct] = torch.maximum(radius[direct], sharper.to(radius.device))
-                recheck[direct] = False
         if bool(recheck.any()):
             rows = recheck.nonzero()[:, 0]
             again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False, bounds=bounds)

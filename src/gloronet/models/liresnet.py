@@ -69,6 +69,13 @@ class InputShift(LipschitzModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.shift
 
+    def float64_map(self):
+        """The map in float64 (:mod:`gloronet.centre64`) of a float32 model: torch adds a Python
+        scalar to a float32 tensor as a float32 scalar, so the float32 forward adds ``shift``
+        rounded to float32, and so does this (exactly, in float64)."""
+        s32 = float(torch.tensor(self.shift, dtype=torch.float32))
+        return lambda h: h + s32
+
     def lipschitz(self) -> torch.Tensor:
         return torch.ones(())
 

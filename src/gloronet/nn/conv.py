@@ -140,6 +140,13 @@ class LipConv2d(DerivedWeight, LipschitzModule):
             return depthwise.conv2d_taps(x, w, bias, self.pads(hw))
         return accumulate.conv2d(x, w, bias, self.stride, self.pads(hw), self.groups)
 
+    def float64_map(self):
+        """This layer's eval map in float64 (:mod:`gloronet.centre64`): :meth:`eval_conv` with the
+        applied weight and the bias cast exactly."""
+        w = self._applied_weight().detach().to(torch.float64)
+        b = None if self.bias is None else self.bias.detach().to(torch.float64)
+        return lambda h: self.eval_conv(h, w, b)
+
     def _require_input_size(self) -> tuple[int, int]:
         if self.input_hw is None:
             raise RuntimeError("LipConv2d does not know its input size yet: pass input_size=(H, W) or run a forward pass first")

@@ -47,6 +47,13 @@ class LipLinear(DerivedWeight, LipschitzModule):
             return F.linear(x, self.forward_weight(), self.bias)
         return accumulate.linear(x, self._applied_weight(), self.bias)
 
+    def float64_map(self):
+        """This layer's eval map in float64 (:mod:`gloronet.centre64`): the applied weight and the
+        bias, cast exactly, summed as the eval forward sums them."""
+        w = self._applied_weight().detach().to(torch.float64)
+        b = None if self.bias is None else self.bias.detach().to(torch.float64)
+        return lambda h: accumulate.linear(h, w, b)
+
     def rounding_depth(self) -> int:
         """Most roundings a term of an eval-mode output passes through."""
         return accumulate.rounding_depth(self.in_features, self.in_features, self.bias is not None)

@@ -202,13 +202,27 @@ class LiResBlock(LipschitzModule):
                 offset = self.bias - mean
             out = x + r + offset.to(r.dtype).view(1, -1, 1, 1)
         else:
-            r = self._applied_residual_kernel()
-            if depthwise.needs_taps(self.width, r.shape, 1, 1):  # width 1: no Winograd
-                out = x + depthwise.conv2d_taps(x, r, None, self.pads)
-            else:
-                out = x + accumulate.conv2d(x, r, None, 1, self.pads)
-            out = out + self.shift().to(out.dtype).view(1, -1, 1, 1)
+            out = self._eval_affine(x, self._applied_residual_kernel(), self.shift().to(x.dtype))
         return self.act(out)
+
+    def _eval_affine(self, x: torch.Tensor, r: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``fl(fl(x + conv(x, r)) + shift)``: the eval map before the activation, for the applied
+        ``R`` and shift or exact float64 copies of them (:meth:`float64_map`)."""
+        if depthwise.needs_taps(self.width, r.shape, 1, 1):  # width 1: no Winograd
+            out = x + depthwise.conv2d_taps(x, r, None, self.pads)
+        else:
+            out = x + accumulate.conv2d(x, r, None, 1, self.pads)
+        return out + shift.view(1, -1, 1, 1)
+
+    def float64_map(self):
+        """The eval map in float64 (:mod:`gloronet.centre64`): the applied ``R`` and the shift the
+        eval forward adds (``b − μ`` as computed in the model's dtype), cast exactly; None with an
+        activation other than MinMax / Identity."""
+        if type(self.act) not in (MinMax, nn.Identity):
+            return None
+        r = self._applied_residual_kernel().detach().to(torch.float64)
+        shift = self.shift().detach().to(torch.float64)
+        return lambda h: self.act(self._eval_affine(h, r, shift))
 
     def lipschitz(self, n_iter: int | None = None) -> torch.Tensor:
         """Differentiable estimate (from below) of ``‖conv(·, K)‖`` at the block's input size."""
