@@ -42,6 +42,7 @@ HD = "src/gloronet/head_distances.py"
 EIG, NONNEG, DENSE, CIRC, CEXP = (f"src/gloronet/bounds/{m}.py" for m in ("eigen", "nonneg", "dense", "circular", "conv_explicit"))
 RES = "src/gloronet/nn/residual.py"
 C64 = "src/gloronet/centre64.py"
+LSM = "src/gloronet/models/liresnet.py"
 SLL, BRO, CONV, LIN, ACC = (f"src/gloronet/nn/{m}.py" for m in ("sll", "bro", "conv", "linear", "accumulate"))
 
 # (file, exact text, replacement, what it breaks)
@@ -207,7 +208,7 @@ MUTANTS = [
     # ---- the float64 centre of re-measured rows (gloronet.centre64)
     (GL, "radius_mod.make_profile(chunked.models, bounds.head, bounds.dtype, models64)",
      "radius_mod.make_profile(models64, bounds.head, bounds.dtype, models64)", "float64 centre: the ball's error from the float64 models"),
-    (C64, "    if t not in (LipLinear, LipConv2d):", "    if not isinstance(m, (LipLinear, LipConv2d)):", "float64 centre: subclasses accepted"),
+    (C64, 'if "float64_map" in vars(t) else None', 'if hasattr(m, "float64_map") else None', "float64 centre: subclasses accepted"),
     # ---- the norms the fused pass propagates instead of measuring
     (RA, "_up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs)", "_up(fp.up(m.lip + m.rel) * out[-1] + m.abs)",
      "propagated norms: the bias (offset) dropped"),
@@ -217,6 +218,11 @@ MUTANTS = [
      "norms = radius_mod.propagated_norms(profile.models, norms)", "propagated norms: the certified program's models for the fused pass"),
     (RA, " & torch.isfinite(delta)) | _may_overflow(profile, balls)", " & torch.isfinite(delta))",
      "guard: rows that may overflow at x vouched for"),
+    # ---- the float64 maps of LiResNet's steps
+    (RES, "        shift = self.shift().detach().to(torch.float64)\n", "        shift = self.bias.detach().to(torch.float64)\n",
+     "float64 centre: LiResNet block without its running mean"),
+    (LSM, "        return lambda h: h + s32\n", "        return lambda h: h + self.shift\n",
+     "float64 centre: the input shift not rounded to float32 as the float32 forward adds it"),
 ]
 
 
