@@ -66,6 +66,13 @@ def _trained_looking_liresnet():
     return net, torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
 
 
+def _model_and_inputs(which: str, limit: int):
+    """The shipped 4C3F and MNIST test images, or :func:`_trained_looking_liresnet` (16 inputs)."""
+    if which == "4c3f":
+        return pretrained.load("mnist-4c3f-eps1.58"), load_dataset("mnist", "test", limit=limit)[0]
+    return _trained_looking_liresnet()
+
+
 def _off_by_one_percent(step):
     """A copy of ``step`` with every floating tensor (and a shift scalar) scaled by 1.01."""
     wrong = copy.deepcopy(step)
@@ -82,11 +89,7 @@ def _off_by_one_percent(step):
 
 @pytest.mark.parametrize("which", ["4c3f", "liresnet"])
 def test_each_float64_step_is_the_float32_map(which):
-    if which == "4c3f":
-        net = pretrained.load("mnist-4c3f-eps1.58")
-        x = load_dataset("mnist", "test", limit=64)[0]
-    else:
-        net, x = _trained_looking_liresnet()
+    net, x = _model_and_inputs(which, 64)
     b = net._sound_bounds()
     steps64 = centre64.float64_steps(b.steps)
     h = x
@@ -125,11 +128,7 @@ def _chunked_margins(net, x, pred):
 
 @pytest.mark.parametrize("which", ["4c3f", "liresnet"])
 def test_its_margin_bounds_hold_for_the_certified_program(which):
-    if which == "4c3f":
-        net = pretrained.load("mnist-4c3f-eps1.58")
-        x = load_dataset("mnist", "test", limit=256)[0]
-    else:
-        net, x = _trained_looking_liresnet()
+    net, x = _model_and_inputs(which, 256)
     pred = net.certify(x, fast=False).pred
     margins, _ = net._float64_centre_pass(x)
     low, slope = margins.rows(pred)
