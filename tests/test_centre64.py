@@ -4,12 +4,13 @@
    Flatten steps whose map is fixed by their float32 tensors; any other step (a subclass, an SLL
    block, an orthogonal layer) refuses.
 2. Same real map: each float64 step stays within the float32 step's own error model of the
-   float32 output (a different weight or bias would not).
+   float32 output (a different weight or bias would not) — on the shipped 4C3F and on a LiResNet
+   with non-zero shifts, whose input shift float32 cannot represent.
 3. Its margin bounds hold for the certified program: at ``x`` and at points ``x'`` within the
-   radius, the float32 chunked program's margins are at least ``low − slope·‖x' − x‖``.
+   radius, the float32 chunked program's margins are at least ``low − slope·‖x' − x‖`` (the same
+   two models).
 4. certify uses it: on the shipped 4C3F, rows re-measured this way certify at least as far as
-   with the chunked centre, and some farther. (Checked on the shipped 4C3F and on a LiResNet with
-   non-zero shifts.)
+   with the chunked centre, and some farther.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import pytest
 import torch
 
 from gloronet import centre64, models, pretrained
-from gloronet.models.liresnet import InputShift
 from gloronet.data import load_dataset
 from gloronet.gloro import _run_steps, error_model_of
+from gloronet.models.liresnet import InputShift
 from gloronet.nn import AOLLinear, LipLinear, SLLLinear, accumulate
 from gloronet.nn.residual import LiResBlock
 from gloronet.nn.state import eval_caches
@@ -60,7 +61,9 @@ def _trained_looking_liresnet():
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, LiResBlock):
-                m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1), m.gamma.normal_(1, 0.3)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.gamma.normal_(1, 0.3)
             if isinstance(m, InputShift):
                 m.shift = -0.4914
     return net, torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))

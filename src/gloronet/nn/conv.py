@@ -143,8 +143,7 @@ class LipConv2d(DerivedWeight, LipschitzModule):
     def float64_map(self):
         """This layer's eval map in float64 (:mod:`gloronet.centre64`): :meth:`eval_conv` with the
         applied weight and the bias cast exactly."""
-        w = self._applied_weight().detach().to(torch.float64)
-        b = None if self.bias is None else self.bias.detach().to(torch.float64)
+        w, b = self.applied_float64()
         return lambda h: self.eval_conv(h, w, b)
 
     def _require_input_size(self) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import torch
 
 
 class DerivedWeight:
-    """Mixin for ``LipLinear`` / ``LipConv2d``: needs ``self.weight`` and ``self._eval_weight``."""
+    """Mixin for ``LipLinear`` / ``LipConv2d``: needs ``self.weight``, ``self.bias`` and ``self._eval_weight``."""
 
     def derive_weight(self) -> torch.Tensor:
         """The (differentiable) weight applied, from the parameters; here ``weight`` itself."""
@@ -35,6 +35,12 @@ class DerivedWeight:
         """The eval-mode weight (no gradient); a derived one is handed out as a copy."""
         w = self._applied_weight()
         return w.clone() if self._derived() else w
+
+    def applied_float64(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` the eval forward applies, cast exactly to float64, for the float64
+        centre (:mod:`gloronet.centre64`); bias None where the layer has none."""
+        w = self._applied_weight().detach().to(torch.float64)
+        return w, None if self.bias is None else self.bias.detach().to(torch.float64)
 
     def forward_weight(self) -> torch.Tensor:
         """Training: :meth:`derive_weight` (differentiable); eval: :meth:`applied_weight`."""

@@ -50,8 +50,7 @@ class LipLinear(DerivedWeight, LipschitzModule):
     def float64_map(self):
         """This layer's eval map in float64 (:mod:`gloronet.centre64`): the applied weight and the
         bias, cast exactly, summed as the eval forward sums them."""
-        w = self._applied_weight().detach().to(torch.float64)
-        b = None if self.bias is None else self.bias.detach().to(torch.float64)
+        w, b = self.applied_float64()
         return lambda h: accumulate.linear(h, w, b)
 
     def rounding_depth(self) -> int:
