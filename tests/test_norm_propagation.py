@@ -149,15 +149,23 @@ def test_rows_whose_values_may_overflow_are_never_vouched_for():
         h, norms, shapes = _run_steps(x, bounds.steps, measure=True)
         logits = net.head(h)
     profile = net._profile(bounds, tuple(shapes))
-    pc, p, balls = radius.body_errors(profile, norms, fused_centre=True)
-    assert not bool(radius._may_overflow(profile, balls).any())
-    base = radius.fused_may_differ(profile, bounds.D, (pc, p, balls), logits)
+    errors = radius.body_errors(profile, norms, fused_centre=True)
+    assert not bool(radius._may_overflow(profile, errors).any())
+    base = radius.fused_may_differ(profile, bounds.D, errors, logits)
     sure = (~base).nonzero()[:, 0]
     assert len(sure) >= 2
-    huge = [b.clone() for b in balls]
-    huge[1][sure[0]] = profile.threshold  # the first step's input may be as long as the threshold
-    huge[-2][sure[1]] = math.nan
+    loads = errors.loads.clone()
+    loads[sure[0], 1] = profile.threshold  # the values the second step computes may reach the threshold
+    loads[sure[1], -2] = math.nan
+    huge = errors._replace(loads=loads)
     flagged = radius._may_overflow(profile, huge)
     assert flagged.nonzero()[:, 0].tolist() == sorted(sure[:2].tolist())
-    # only the balls changed (the margin test itself still passes): the range check alone flags them
-    assert radius.fused_may_differ(profile, bounds.D, (pc, p, huge), logits).equal(base | flagged)
+    # only the loads changed (the margin test itself still passes): the range check alone flags them
+    assert radius.fused_may_differ(profile, bounds.D, huge, logits).equal(base | flagged)
+    # the loads cover the input of every step, not just the measured ends: one intermediate norm
+    # as long as the threshold is enough
+    for s in range(1, len(norms) - 1):
+        big = [n.clone() for n in norms]
+        big[s][sure[0]] = profile.threshold / profile.peak_rel[s] if profile.peak_rel[s] > 0 else math.inf
+        assert radius._may_overflow(profile, radius.body_errors(profile, big, fused_centre=True)).nonzero()[:, 0].tolist() == [
+            int(sure[0])], s

@@ -230,7 +230,8 @@ def test_overflow_radius(dominant):
     rho0[1][2] = 1e40  # no room at all for example 2 (elsewhere peaks stay below 1e12 ≪ the threshold)
     slope = [1.0, 0.0, 3.0, 7.5]
     col = lambda v: torch.tensor(v, dtype=F64)[:, None]  # noqa: E731
-    got = radius._overflow_radius(col(peak_rel), col(peak_abs), torch.tensor(rho0, dtype=F64), col(slope), 1e16)
+    loads = radius._up(col(peak_abs) + col(peak_rel) * torch.tensor(rho0, dtype=F64)).t()  # (B, S), as error_plan builds them
+    got = radius._overflow_radius(loads, radius._up(col(peak_rel) * col(slope))[:, 0], 1e16)
     for r, want in zip(got.tolist(), _exact_overflow(peak_rel, peak_abs, rho0, slope, 1e16)):
         _check_radius(r, want, factor=1 + 2.0**-27)
 

@@ -216,8 +216,7 @@ class GloroNet(nn.Module):
                 except UnboundedLayerError:  # a layer without an error model: the chunked program only
                     bounds.fused_ok = False  # (remembered with the bounds: no fused pass wasted next time)
                     return self.head(self.body(x))
-                norms = radius_mod.propagated_norms(profile.fused, norms)
-                errors = radius_mod.body_errors(profile, norms, fused_centre=True)
+                errors = radius_mod.body_errors(profile, norms, fused_centre=True)  # propagates the unmeasured norms
                 unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits)
             if bool(unsure.any()):
                 rows = unsure.nonzero()[:, 0]
@@ -429,9 +428,8 @@ class GloroNet(nn.Module):
                 if sound_fp:
                     raise
                 return self._margin_pass(x, arithmetic, fused=False, bounds=bounds)  # exact arithmetic: no error model
-        if profile is not None:  # the norms the fused pass did not measure, from its error models
-            norms = radius_mod.propagated_norms(profile.fused if fused else profile.models, norms)
-        errors = None if profile is None else radius_mod.body_errors(profile, norms, fused_centre=fused)  # once, for both
+        # once, for both; the norms the fused pass did not measure are propagated by its error models
+        errors = None if profile is None else radius_mod.body_errors(profile, norms, fused_centre=fused)
         margins = radius_mod.margin_bounds(logits, bounds.K, bounds.D, profile if sound_fp else None, norms, h,
                                            fused_centre=fused, errors=errors)
         unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits) if fused else None

@@ -34,11 +34,11 @@ All of this is evaluated in float64: non-negative sums and products are inflated
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from . import fp
+from . import error_plan, fp
 from .bounds import pow2_scales
 
 
@@ -76,6 +76,8 @@ class Head:
     centre_lam_abs: torch.Tensor
     peak_rel: float
     peak_abs: float
+    guard_slope: torch.Tensor  # (C,) and (C,): the guard's E_k = guard_slope_k·‖ĥ‖ + guard_const_k
+    guard_const: torch.Tensor  # (fused_may_differ)
 
     @staticmethod
     def build(weight: torch.Tensor, bias: torch.Tensor | None, depth: int, dtype: torch.dtype) -> "Head":
@@ -95,12 +97,16 @@ class Head:
         reevaluate = dtype != torch.float64
         g_c = fp.gamma(n + 1, torch.float64)  # float64, any order: the re-evaluation or a float64 model's centre pass
         c_rel, c_abs = constants(g_c, fp.smallest_normal(torch.float64))
+        g_f = fp.gamma(n + 1, dtype)
+        both = fp.up(g_f + g)  # the fused head's and the certified head's rounding (fused_may_differ)
         return Head(
-            weight=w, abs_weight=a, bias=b, row_norm=row_norm, gamma=g, fused_gamma=fp.gamma(n + 1, dtype),
+            weight=w, abs_weight=a, bias=b, row_norm=row_norm, gamma=g, fused_gamma=g_f,
             lam_rel=lam_rel, lam_abs=lam_abs,
             reevaluate=reevaluate, centre_gamma=g_c, centre_lam_rel=c_rel, centre_lam_abs=c_abs,
             peak_rel=fp.up((1 + g) * float(row_norm.max())),
             peak_abs=fp.up((1 + g) * (float(b.abs().max()) + fp.smallest_normal(dtype) * 2 * (n + 1))),
+            guard_slope=_up(both * row_norm + 2 * fp.up(1 + g_f) * lam_rel),
+            guard_const=_up(both * b.abs() + 2 * fp.up(1 + g_f) * lam_abs),
         )
 
 
@@ -115,8 +121,10 @@ class Profile:
     q: tuple[float, ...]  # Q_s for s = 0..S
     head: Head
     threshold: float  # magnitudes below this cannot overflow
-    peak_rel: tuple[float, ...]  # overflow coefficients of the body steps, then the head
-    peak_abs: tuple[float, ...]
+    peak_rel: tuple[float, ...]  # overflow coefficients of the body steps (the larger of the two programs'),
+    peak_abs: tuple[float, ...]  # then the head
+    peak_growth: tuple[float, ...]  # peak_rel_s (L_s + Q_s): how fast each overflow load grows with r
+    plans: dict = field(default_factory=dict, compare=False, repr=False)  # body_errors' plans, by measured norms
 
 
 def make_profile(models, head: Head, dtype, fused=None) -> Profile:
@@ -129,40 +137,49 @@ def make_profile(models, head: Head, dtype, fused=None) -> Profile:
     for m in models:
         q.append(fp.up(m.lip * q[-1] + m.rel * (prefix[-1] + q[-1])))
         prefix.append(math.nextafter(prefix[-1] * m.lip, math.inf))
-    return Profile(tuple(models), fused, tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype),
-                   tuple(m.peak_rel for m in models) + (head.peak_rel,), tuple(m.peak_abs for m in models) + (head.peak_abs,))
+    peak_rel = tuple(max(m.peak_rel, c.peak_rel) for m, c in zip(models, fused)) + (head.peak_rel,)
+    peak_abs = tuple(max(m.peak_abs, c.peak_abs) for m, c in zip(models, fused)) + (head.peak_abs,)
+    growth = tuple(fp.up(r * fp.up(lip + qq)) for r, lip, qq in zip(peak_rel, prefix, q))
+    return Profile(tuple(models), fused, tuple(prefix), tuple(q), head, fp.overflow_threshold(dtype), peak_rel, peak_abs,
+                   growth)
 
 
 def propagated_norms(models, norms: list) -> list[torch.Tensor]:
     """``norms`` with each missing (None) ``ρ̂_{s+1}`` bounded from ``ρ̂_s`` by the error model of the
     pass that computed ``ĉ_{s+1}`` (``models``, one per step): ``‖φ̂(a)‖ ≤ ‖φ(0)‖ + ‖φ(a) − φ(0)‖ +
-    ‖φ̂(a) − φ(a)‖ ≤ offset + (lip + rel)‖a‖ + abs`` (:class:`gloronet.fp.ErrorModel`). Sound
+    ‖φ̂(a) − φ(a)‖ ≤ offset + (lip + rel)‖a‖ + abs`` (:func:`gloronet.error_plan.propagation`). Sound
     wherever the error model holds, i.e. up to the first overflow: the overflow cap of
     :func:`margin_bounds` and the guard's :func:`_may_overflow` check that against these same
-    bounds, step by step; ``norms[0]`` (the input) must be measured."""
+    bounds, step by step; ``norms[0]`` (the input) must be measured. :func:`body_errors` folds
+    the same propagation into its plan."""
     if norms[0] is None or len(norms) != len(models) + 1:
         raise ValueError("propagated_norms: the input's norm must be measured, and there is one model per step")
     if all(n is not None for n in norms):
         return norms
     out = [norms[0]]
     for m, measured in zip(models, norms[1:]):
-        out.append(measured if measured is not None else _up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs))
+        scale, const = error_plan.propagation(m)
+        out.append(measured if measured is not None else _up(const + scale * out[-1]))
     return out
 
 
-def body_errors(profile: Profile, norms: list[torch.Tensor], fused_centre: bool):
-    """``(Pc_S, P_S, balls)`` of the module docstring at ``r = 0``: the centre's error, the certified
-    program's error bound at ``x`` beyond it, and ``ρ̂_s + Pc_s + P_s`` for ``s = 0..S`` (all (B,)
-    float64, rounded up); ``fused_centre``: the centre errors come from ``profile.fused``."""
-    pc = torch.zeros_like(norms[0], dtype=torch.float64)
-    p = torch.zeros_like(pc)
-    balls = []  # ‖â_s(x')‖ ≤ ball_s + (L_s + Q_s) r
-    for s, (m, c) in enumerate(zip(profile.models, profile.fused if fused_centre else profile.models)):
-        rho = norms[s].to(pc.device)
-        balls.append(rho + pc + p)
-        pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)
-    balls.append(norms[-1].to(pc.device) + pc + p)
-    return pc, p, balls
+def body_errors(profile: Profile, norms: list, fused_centre: bool) -> error_plan.BodyErrors:
+    """The module docstring's bounds at ``r = 0`` (float64, rounded up): ``delta = Pc_S + P_S``
+    (B,) (the centre's error plus the certified program's error at ``x`` beyond it), ``ball =
+    ρ̂_S + Pc_S + P_S`` (B,) and the overflow ``loads`` (B, S + 1) ``peak_rel_s·ball_s +
+    peak_abs_s`` of the steps and the head, ``ball_s = ρ̂_s + Pc_s + P_s``. ``fused_centre``: the centre errors come
+    from ``profile.fused``. ``norms`` (``ρ̂_s``, ``s = 0..S``) may miss entries (None) after the
+    input: they are propagated by the centre pass's models (:func:`propagated_norms`). Evaluated
+    as one affine map of the measured norms (:mod:`gloronet.error_plan`), planned once per profile."""
+    measured = tuple(n is not None for n in norms)
+    device = norms[0].device
+    key = (fused_centre, measured, device)
+    plan = profile.plans.get(key)
+    if plan is None:
+        centre = profile.fused if fused_centre else profile.models
+        plan = error_plan.plan(profile.models, centre, measured, profile.peak_rel, profile.peak_abs, device)
+        profile.plans[key] = plan
+    return plan(norms)
 
 
 def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Tensor) -> torch.Tensor:
@@ -184,48 +201,30 @@ def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Te
     hd = profile.head
     y = logits.detach().to(torch.float64)
     dev = y.device
-    pc, p, balls = errors
-    delta = _up(pc + p).to(dev)
-    size = _up(balls[-1].to(dev))[:, None]  # ρ̂_S + Pc + P ≥ ‖ĥ‖ of both passes
-    reach = _up(hd.row_norm.to(dev)[None, :] * size + hd.bias.abs().to(dev)[None, :])
-    lam = _up(hd.lam_rel * size + hd.lam_abs.to(dev)[None, :])
-    err = _up((hd.fused_gamma + hd.gamma) * reach + 2 * (1 + hd.fused_gamma) * lam)  # (B, C) E_k
+    delta, size = errors.delta.to(dev), errors.ball.to(dev)[:, None]  # ρ̂_S + Pc + P ≥ ‖ĥ‖ of both passes
+    err = _up(torch.addcmul(hd.guard_const.to(dev), size, hd.guard_slope.to(dev)))  # (B, C) E_k
     pred = y.argmax(dim=1)
     idx = pred[:, None]
-    need = _up(D.to(dev)[pred] * delta[:, None] + err.gather(1, idx) + err)
-    sure = _down(y.gather(1, idx) - y) > need
-    sure |= torch.nn.functional.one_hot(pred, y.shape[1]).bool()
-    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta)) | _may_overflow(profile, balls)
+    need = _up(torch.addcmul(err.gather(1, idx) + err, D.to(dev)[pred], delta[:, None]))
+    sure = (_down(y.gather(1, idx) - y) > need).scatter_(1, idx, True)
+    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta)) | _may_overflow(profile, errors)
 
 
-def _may_overflow(profile: Profile, balls) -> torch.Tensor:
+def _may_overflow(profile: Profile, errors: error_plan.BodyErrors) -> torch.Tensor:
     """(B,) True unless every value either program computes at ``x`` provably stays finite: step
     ``s`` sees an input of norm ``≤ ball_s`` (:func:`body_errors`) and computes values of magnitude
-    ``≤ peak_rel·ball_s + peak_abs`` with the larger of its two programs' coefficients, below
-    ``profile.threshold`` (step by step: each ball is a bound only if the steps before it did not
-    overflow)."""
-    dev = balls[0].device
-    steps = list(zip(profile.models, profile.fused))
-    rel = [max(m.peak_rel, c.peak_rel) for m, c in steps] + [profile.head.peak_rel]
-    abs_ = [max(m.peak_abs, c.peak_abs) for m, c in steps] + [profile.head.peak_abs]
-    rho = torch.stack([b.to(dev) for b in balls])
-    flat = _column([0.0] * len(rel), dev)  # at r = 0: no growth
-    room = _overflow_radius(_column(rel, dev), _column(abs_, dev), rho, flat, profile.threshold)
-    return ~(room > 0)  # at r = 0 the cap is inf where every step fits, else 0 (NaN too)
+    ``≤ peak_rel_s·ball_s + peak_abs_s`` (``errors.loads``, with the larger of its two programs'
+    coefficients), below ``profile.threshold`` (step by step: each ball is a bound only if the steps
+    before it did not overflow). NaN is flagged."""
+    return ~(_down(profile.threshold - errors.loads) > 0).all(dim=1)
 
 
-def _column(values, device) -> torch.Tensor:
-    """``values`` as a float64 column (S, 1) on ``device``."""
-    return torch.tensor(values, dtype=torch.float64, device=device)[:, None]
-
-
-def _overflow_radius(peak_rel, peak_abs, rho0: torch.Tensor, slope, threshold: float) -> torch.Tensor:
-    """Largest ``r`` with ``peak_rel·(rho0 + slope·r) + peak_abs ≤ threshold`` for every row of
-    ``rho0`` (S, B) (coefficients (S, 1)); rounded down, inf where nothing grows, min over rows."""
-    room = _down(threshold - _up(peak_abs + peak_rel * rho0))
-    grow = _up(peak_rel * slope).expand_as(room)
-    r = torch.where(grow > 0, _down(room / grow), torch.full_like(room, math.inf))
-    return torch.where(room > 0, r, torch.zeros_like(r)).amin(dim=0)
+def _overflow_radius(loads: torch.Tensor, growth: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) largest ``r`` with ``loads + growth·r ≤ threshold`` in every column of ``loads`` (B, S)
+    (``growth`` (S,) ≥ 0); rounded down, inf where nothing grows, 0 where there is no room (or NaN)."""
+    room = _down(threshold - loads)
+    r = torch.where(growth > 0, _down(room / growth), math.inf)
+    return torch.where(room > 0, r, 0.0).amin(dim=1)
 
 
 @dataclass
@@ -279,20 +278,22 @@ def margin_bounds(
     B, dev = y.shape[0], y.device
     if profile is None:
         return MarginBounds(y=y, K=K, cap=torch.full((B,), math.inf, dtype=torch.float64, device=dev))
-    pc, p, balls = errors if errors is not None else body_errors(profile, [n.to(dev) for n in norms], fused_centre)
+    if errors is None:
+        errors = body_errors(profile, [None if n is None else n.to(dev) for n in norms], fused_centre)
+    delta, ball = errors.delta.to(dev), errors.ball.to(dev)  # Pc + P and ρ̂_S + Pc + P
     hd = profile.head
     rho = norms[-1].to(dev)
     grow = profile.prefix_lip[-1] + profile.q[-1]  # ‖â_S(x') − ĉ_S‖ ≤ pc + p + grow·r
-    cap = _overflow_radius(_column(profile.peak_rel, dev), _column(profile.peak_abs, dev), torch.stack(balls),
-                           _column([a + b for a, b in zip(profile.prefix_lip, profile.q)], dev), profile.threshold)
+    growth = torch.tensor(profile.peak_growth, dtype=torch.float64, device=dev)  # each load grows by ≤ growth·r
+    cap = _overflow_radius(errors.loads.to(dev), growth, profile.threshold)
     h = head_input.detach().flatten(1).to(torch.float64)
     w, b, row = hd.weight.to(dev), hd.bias.to(dev), hd.row_norm.to(dev)
     reach = _up(h.abs() @ hd.abs_weight.to(dev).t() + b.abs())  # (B, C) Σ|w_kt||ĉ_t| + |b_k|
     y_centre = h @ w.t() + b if hd.reevaluate else y  # float32 models: the head at x again, in float64
     e_centre = hd.centre_gamma * reach + hd.centre_lam_rel * rho[:, None] + hd.centre_lam_abs.to(dev)
-    e_ball = hd.gamma * (reach + row * (pc + p)[:, None]) + hd.lam_rel * (rho + pc + p)[:, None] + hd.lam_abs.to(dev)
+    e_ball = hd.gamma * (reach + row * delta[:, None]) + hd.lam_rel * ball[:, None] + hd.lam_abs.to(dev)
     return MarginBounds(
-        y=y_centre, K=K, D=D, body_err=_up(pc + p), body_slope=profile.q[-1], grow=grow, err=_up(e_centre + e_ball),
+        y=y_centre, K=K, D=D, body_err=delta, body_slope=profile.q[-1], grow=grow, err=_up(e_centre + e_ball),
         row_slope=_up(hd.gamma * row + hd.lam_rel), cap=cap,
     )
 

@@ -1,0 +1,104 @@
+"""The body's error recursion (:mod:`gloronet.radius`) as ONE affine map of the measured norms.
+
+Every bound :func:`gloronet.radius.body_errors` returns — ``delta = Pc_S + P_S`` (the centre's
+error plus the certified program's), the ball ``ρ̂_S + Pc_S + P_S`` around the head's input and
+the overflow loads ``peak_rel_s·ball_s + peak_abs_s`` of the steps and the head, with
+``ball_s = ρ̂_s + Pc_s + P_s`` — is a non-negative linear combination of the activation norms
+the pass measured, plus a constant:
+
+* a norm the pass did not measure is propagated from the one before by the model of the pass
+  that computed it, ``ρ̂_{s+1} ≤ (offset + abs) + up(lip + rel)·ρ̂_s`` (:func:`propagation`);
+* ``Pc_{s+1} = lip^c Pc_s + rel^c ρ̂_s + abs^c`` and ``P_{s+1} = lip P_s + rel·ball_s + abs`` are
+  linear in them.
+
+:func:`plan` folds the recursion into coefficients once per profile, rounding every operation up
+(all quantities are non-negative and the recursion is monotone, so the affine form dominates it
+in exact arithmetic). At run time one matrix product of the ``M`` measured norms with those
+coefficients gives every bound of a batch; its terms are non-negative, so its relative error is
+at most ``γ_{M+1}`` (float64), far inside :data:`gloronet.fp.INFLATE`, and its underflows at most
+``(M + 1)·2⁻¹⁰⁷⁴``, added before the final upward rounding. A NaN (``0·∞``: an infinite norm or
+coefficient) becomes ``∞``: nothing certifies from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from . import fp
+
+_SUBNORMAL = 2.0**-1074
+
+
+def propagation(model: fp.ErrorModel) -> tuple[float, float]:
+    """``(scale, const)`` with ``‖φ̂(a)‖ ≤ const + scale·‖a‖`` for the computed step ``φ̂``:
+    ``‖φ(0)‖ + ‖φ(a) − φ(0)‖ + ‖φ̂(a) − φ(a)‖ ≤ offset + lip‖a‖ + rel‖a‖ + abs``."""
+    return fp.up(model.lip + model.rel), fp.up(model.offset + model.abs)
+
+
+def _comb(terms, const: float = 0.0) -> list[float]:
+    """``Σ c·v + const`` of affine forms ``v`` (lists, the constant last) with non-negative ``c``,
+    every component rounded up."""
+    size = len(terms[0][1])
+    out = [fp.up(sum(c * v[k] for c, v in terms)) for k in range(size)]
+    out[-1] = fp.up(out[-1] + const)
+    return out
+
+
+class BodyErrors(NamedTuple):
+    """(B,) float64 upper bounds at ``r = 0`` (see the module docstring)."""
+
+    delta: torch.Tensor  # Pc_S + P_S
+    ball: torch.Tensor  # ρ̂_S + Pc_S + P_S
+    loads: torch.Tensor  # (B, S + 1): peak_rel_s·ball_s + peak_abs_s, the S steps and the head
+
+
+@dataclass(frozen=True)
+class ErrorPlan:
+    """:class:`BodyErrors` from the norms a pass measured (the entries of ``measured``), as
+    ``norms @ coef + const`` rounded up."""
+
+    measured: tuple[int, ...]  # the steps s whose input norm the pass measured (s = S: the output)
+    coef: torch.Tensor  # (M, S + 3) float64: columns delta, ball, the S + 1 loads
+    const: torch.Tensor  # (S + 3,) float64
+
+    def __call__(self, norms) -> BodyErrors:
+        rho = torch.stack([norms[s].to(self.coef) for s in self.measured], dim=1)
+        out = (rho[:, :, None] * self.coef).sum(dim=1) + self.const  # no matrix kernel: see tests/test_fused_pass.py
+        tiny = (len(self.measured) + 2) * _SUBNORMAL  # the products' underflow (exact: a subnormal)
+        out = torch.nextafter(out * fp.INFLATE + tiny, out.new_tensor(math.inf)).nan_to_num_(nan=math.inf, posinf=math.inf)
+        return BodyErrors(out[:, 0], out[:, 1], out[:, 2:])
+
+
+def plan(models, centre_models, measured: tuple[bool, ...], peak_rel, peak_abs, device) -> ErrorPlan:
+    """The :class:`ErrorPlan` of a body whose steps run as ``models`` (the certified program) and
+    whose centre was computed with ``centre_models``, for a pass that measured the input norm of
+    step ``s`` where ``measured[s]`` (``s = 0..S``; the norms it did not measure are propagated
+    by ``centre_models``, the kernels that computed those activations); ``peak_rel`` /
+    ``peak_abs``: the overflow coefficients of the ``S`` steps and the head."""
+    steps = len(models)
+    if (len(centre_models) != steps or len(measured) != steps + 1 or not measured[0]
+            or len(peak_rel) != steps + 1 or len(peak_abs) != steps + 1):
+        raise ValueError("error plan: one model per step, one flag per norm, the input's norm measured, "
+                         "and overflow coefficients for every step and the head")
+    index = [s for s, m in enumerate(measured) if m]
+    basis = lambda j: [1.0 if k == j else 0.0 for k in range(len(index) + 1)]  # noqa: E731
+    zero = [0.0] * (len(index) + 1)
+    rho, pc, p, balls = basis(0), zero, zero, []
+    for s, (m, c) in enumerate(zip(models, centre_models)):
+        ball = _comb([(1.0, rho), (1.0, pc), (1.0, p)])
+        balls.append(ball)
+        pc = _comb([(c.lip, pc), (c.rel, rho)], c.abs)
+        p = _comb([(m.lip, p), (m.rel, ball)], m.abs)
+        if measured[s + 1]:
+            rho = basis(index.index(s + 1))
+        else:
+            scale, const = propagation(c)
+            rho = _comb([(scale, rho)], const)
+    balls.append(_comb([(1.0, rho), (1.0, pc), (1.0, p)]))
+    delta = _comb([(1.0, pc), (1.0, p)])
+    loads = [_comb([(r, ball)], a) for r, a, ball in zip(peak_rel, peak_abs, balls)]
+    table = torch.tensor([delta, balls[-1], *loads], dtype=torch.float64, device=device).t()  # (M + 1, S + 3)
+    return ErrorPlan(tuple(index), table[:-1].contiguous(), table[-1].contiguous())
