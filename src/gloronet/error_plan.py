@@ -65,8 +65,10 @@ class ErrorPlan:
     const: torch.Tensor  # (S + 3,) float64
 
     def __call__(self, norms) -> BodyErrors:
-        rho = torch.stack([norms[s].to(self.coef) for s in self.measured], dim=1)
-        out = (rho[:, :, None] * self.coef).sum(dim=1) + self.const  # no matrix kernel: see tests/test_fused_pass.py
+        first = norms[self.measured[0]]
+        out = self.const.expand(len(first), -1).clone()
+        for k, s in enumerate(self.measured):  # a sum of M non-negative products per entry, in order
+            out.addcmul_(norms[s].to(self.coef)[:, None], self.coef[k])
         tiny = (len(self.measured) + 2) * _SUBNORMAL  # the products' underflow (exact: a subnormal)
         out = torch.nextafter(out * fp.INFLATE + tiny, out.new_tensor(math.inf)).nan_to_num_(nan=math.inf, posinf=math.inf)
         return BodyErrors(out[:, 0], out[:, 1], out[:, 2:])

@@ -274,13 +274,12 @@ class GloroNet(nn.Module):
         """Bounds and head data, recomputed only when something that determines the map changed
         (:class:`gloronet.nn.state.MapState`: modules, parameters, buffers, every attribute)."""
         self._check_certifiable()
-        dtype = self._model_dtype()
         kernels.check_environment(next(iter(self.parameters())).device.type)
         cache = self._bound_cache
         chunking = accumulate.chunking()
-        if (cache is not None and cache.dtype == dtype and cache.chunking == chunking
-                and cache.state.matches(self.body, self.head)):
-            return cache
+        if cache is not None and cache.chunking == chunking and cache.state.matches(self.body, self.head):
+            return cache  # the same tensors, bit for bit and dtype for dtype: the same model dtype
+        dtype = self._model_dtype()
         state = MapState(self.body, self.head)
         with torch.no_grad():
             steps = body_steps(self.body)
@@ -367,8 +366,8 @@ class GloroNet(nn.Module):
         fused_pass = unsure is not None  # fast: rows it cannot vouch for, or just short of an ε, are measured again
         recheck = unsure.to(radius.device, copy=True) if fused_pass else torch.zeros_like(radius, dtype=torch.bool)
         if fused_pass and arithmetic == "float":  # where the fused centre's larger error may stand between the point and ε
-            exact = adjust(radius_mod.certified_radii(radius_mod.margin_bounds(logits, margins.K, None, None), pred))
             at = [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]
+            exact = self._exact_radii(logits, margins.K, pred, adjust, (radius <= max(at)) | recheck)
             recheck |= _short_of(radius, exact, at)
         if bool(recheck.any()):
             rows = recheck.nonzero()[:, 0]
@@ -386,6 +385,17 @@ class GloroNet(nn.Module):
             logits[rows] = again.detach().to(logits)
         return Certificate(pred=pred, certified=radius > eps, radius=radius, logits=logits,
                            epsilon=eps, arithmetic=arithmetic)
+
+    @staticmethod
+    def _exact_radii(logits: torch.Tensor, K: torch.Tensor, pred: torch.Tensor, adjust, rows: torch.Tensor) -> torch.Tensor:
+        """(B,) exact-arithmetic radii of ``pred`` (as ``arithmetic="exact"``) where ``rows``, 0
+        elsewhere: all :meth:`certify` reads of them are the rows that may be short of some ε
+        (radius at most the largest) and the rows it measures again anyway."""
+        exact = torch.zeros_like(logits[:, 0])
+        idx = rows.nonzero()[:, 0]
+        if len(idx):
+            exact[idx] = radius_mod.certified_radii(radius_mod.margin_bounds(logits[idx], K, None, None), pred[idx])
+        return adjust(exact)
 
     def _margin_pass(self, x: torch.Tensor, arithmetic: str, fused: bool = False, bounds: _Bounds | None = None):
         """The certifying forward pass: ``(logits, MarginBounds, adjust, unsure)``, where ``adjust``
