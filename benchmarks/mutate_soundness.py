@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = [  # the formula references first; tests/test_bounds.py (tightness, ~50 s) and the attack tests left out
     "tests/test_aol_sll.py", "tests/test_sll_rounding.py", "tests/test_bro_conv.py", "tests/test_reference.py", "tests/test_proofs.py", "tests/test_fp.py", "tests/test_certify_holes.py",
     "tests/test_relaxed.py", "tests/test_certified_bounds.py", "tests/test_fused_pass.py", "tests/test_centre64.py",
-    "tests/test_norm_propagation.py",
+    "tests/test_norm_propagation.py", "tests/test_error_plan.py",
 ]
 DESELECT: list[str] = ["tests/test_fused_pass.py::test_the_gpu_price_benchmark_runs_end_to_end_on_the_cpu"]  # needs benchmarks/, not a formula
 
@@ -42,6 +42,7 @@ HD = "src/gloronet/head_distances.py"
 EIG, NONNEG, DENSE, CIRC, CEXP = (f"src/gloronet/bounds/{m}.py" for m in ("eigen", "nonneg", "dense", "circular", "conv_explicit"))
 RES = "src/gloronet/nn/residual.py"
 C64 = "src/gloronet/centre64.py"
+EP = "src/gloronet/error_plan.py"
 LSM = "src/gloronet/models/liresnet.py"
 SLL, BRO, CONV, LIN, ACC = (f"src/gloronet/nn/{m}.py" for m in ("sll", "bro", "conv", "linear", "accumulate"))
 
@@ -100,13 +101,13 @@ MUTANTS = [
     (RA, "q.append(fp.up(m.lip * q[-1] + m.rel * (prefix[-1] + q[-1])))", "q.append(fp.up(m.lip * q[-1] + m.rel * prefix[-1]))",
      "Q recursion: rel·Q dropped"),
     (RA, "prefix.append(math.nextafter(prefix[-1] * m.lip, math.inf))", "prefix.append(prefix[-1])", "prefix Lipschitz not multiplied"),
-    (RA, "pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)",
-     "pc, p = _up(c.lip * pc + c.rel * rho), _up(m.lip * p + m.rel * balls[-1] + m.abs)", "centre error: abs dropped"),
-    (RA, "pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * balls[-1] + m.abs)",
-     "pc, p = _up(c.lip * pc + c.rel * rho + c.abs), _up(m.lip * p + m.rel * rho + m.abs)", "ball error: measured at ρ, not the ball"),
+    (EP, "        pc = _comb([(c.lip, pc), (c.rel, rho)], c.abs)",
+     "        pc = _comb([(c.lip, pc), (c.rel, rho)])", "centre error: abs dropped"),
+    (EP, "        p = _comb([(m.lip, p), (m.rel, ball)], m.abs)",
+     "        p = _comb([(m.lip, p), (m.rel, rho)], m.abs)", "ball error: measured at ρ, not the ball"),
     (RA, "grow = profile.prefix_lip[-1] + profile.q[-1]", "grow = profile.prefix_lip[-1]", "growth of the head input: Q dropped"),
     (RA, "e_centre = hd.centre_gamma * reach + hd.centre_lam_rel", "e_centre = hd.centre_lam_rel", "head centre: γ·reach dropped"),
-    (RA, "e_ball = hd.gamma * (reach + row * (pc + p)[:, None])", "e_ball = hd.gamma * reach", "head ball: body error not amplified"),
+    (RA, "e_ball = hd.gamma * (reach + row * delta[:, None])", "e_ball = hd.gamma * reach", "head ball: body error not amplified"),
     (RA, "err=_up(e_centre + e_ball)", "err=_up(e_ball)", "head centre error dropped"),
     (RA, "low = _down(margins - _up(Da * self.body_err[:, None] + pair(self.err)))", "low = _down(margins - _up(pair(self.err)))",
      "margin: body error dropped"),
@@ -116,10 +117,10 @@ MUTANTS = [
      "radius rounded up"),
     (RA, "        slope > 0,\n", "        slope >= 0,\n", "radius: slope ≥ 0 divides by zero slope"),
     (RA, "    return torch.minimum(radius, bounds.cap)", "    return radius", "GloRo radius: no overflow cap"),
-    (RA, "    grow = _up(peak_rel * slope).expand_as(room)", "    grow = _up(slope).expand_as(room)", "overflow: peak_rel not on growth"),
-    (RA, "    return torch.where(room > 0, r, torch.zeros_like(r)).amin(dim=0)",
-     "    return torch.where(room >= 0, r, torch.zeros_like(r)).amin(dim=0)", "overflow: no room still certifies"),
-    (RA, "    room = _down(threshold - _up(peak_abs + peak_rel * rho0))", "    room = _down(threshold - _up(peak_rel * rho0))",
+    (RA, "growth = tuple(fp.up(r * fp.up(lip + qq)) for", "growth = tuple(fp.up(lip + qq) for", "overflow: peak_rel not on growth"),
+    (RA, "    return torch.where(room > 0, r, 0.0).amin(dim=1)",
+     "    return torch.where(room >= 0, r, 0.0).amin(dim=1)", "overflow: no room still certifies"),
+    (EP, "    loads = [_comb([(r, ball)], a) for r, a, ball in", "    loads = [_comb([(r, ball)]) for r, a, ball in",
      "overflow: peak_abs dropped"),
     # ---- relaxed.py
     (RE, "    ok = radii > epsilon", "    ok = radii >= epsilon", "relaxed: a radius equal to ε certifies"),
@@ -192,9 +193,8 @@ MUTANTS = [
      "fused centre analysed with the chunked models"),
     (RA, "    return ~(sure.all(dim=1) & torch.isfinite(y).all(dim=1) & torch.isfinite(delta))",
      "    return torch.zeros_like(pred, dtype=torch.bool)", "guard: the fused prediction always trusted"),
-    (RA, "    err = _up((hd.fused_gamma + hd.gamma) * reach + 2 * (1 + hd.fused_gamma) * lam)",
-     "    err = _up(hd.gamma * reach + 2 * lam)", "guard: the fused head's rounding dropped"),
-    (RA, "    need = _up(D.to(dev)[pred] * delta[:, None] + err.gather(1, idx) + err)",
+    (RA, "        both = fp.up(g_f + g)  #", "        both = g  #", "guard: the fused head's rounding dropped"),
+    (RA, "    need = _up(torch.addcmul(err.gather(1, idx) + err, D.to(dev)[pred], delta[:, None]))",
      "    need = _up(err.gather(1, idx) + err)", "guard: the two bodies' gap dropped"),
     (ACC, "    m = chunk_count(n_terms, splittable)\n    per_slice",
      "    m = max(1, min(MAX_CHUNKS, splittable, math.ceil(n_terms / MIN_CHUNK)))\n    per_slice",
@@ -210,19 +210,24 @@ MUTANTS = [
      "radius_mod.make_profile(models64, bounds.head, bounds.dtype, models64)", "float64 centre: the ball's error from the float64 models"),
     (C64, 'if "float64_map" in vars(t) else None', 'if hasattr(m, "float64_map") else None', "float64 centre: subclasses accepted"),
     # ---- the norms the fused pass propagates instead of measuring
-    (RA, "_up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs)", "_up(fp.up(m.lip + m.rel) * out[-1] + m.abs)",
+    (EP, "fp.up(model.lip + model.rel), fp.up(model.offset + model.abs)", "fp.up(model.lip + model.rel), fp.up(model.abs)",
      "propagated norms: the bias (offset) dropped"),
-    (RA, "_up(m.offset + fp.up(m.lip + m.rel) * out[-1] + m.abs)", "_up(m.offset + m.lip * out[-1] + m.abs)",
+    (EP, "fp.up(model.lip + model.rel), fp.up(model.offset + model.abs)", "fp.up(model.lip), fp.up(model.offset + model.abs)",
      "propagated norms: the step's own rounding (rel) dropped"),
-    (GL, "norms = radius_mod.propagated_norms(profile.fused if fused else profile.models, norms)",
-     "norms = radius_mod.propagated_norms(profile.models, norms)", "propagated norms: the certified program's models for the fused pass"),
-    (RA, " & torch.isfinite(delta)) | _may_overflow(profile, balls)", " & torch.isfinite(delta))",
+    (EP, "            scale, const = propagation(c)", "            scale, const = propagation(m)", "propagated norms: the certified program's models for the fused pass"),
+    (RA, " & torch.isfinite(delta)) | _may_overflow(profile, errors)", " & torch.isfinite(delta))",
      "guard: rows that may overflow at x vouched for"),
     # ---- the float64 maps of LiResNet's steps
     (RES, "        shift = self.shift().detach().to(torch.float64)\n", "        shift = self.bias.detach().to(torch.float64)\n",
      "float64 centre: LiResNet block without its running mean"),
     (LSM, "        return lambda h: h + s32\n", "        return lambda h: h + self.shift\n",
      "float64 centre: the input shift not rounded to float32 as the float32 forward adds it"),
+    # ---- the body's error recursion as one affine map (gloronet.error_plan)
+    (EP, "out * fp.INFLATE + tiny, out.new_tensor(math.inf))", "out, out.new_tensor(math.inf))",
+     "error plan: the product of the norms and coefficients not inflated"),
+    (EP, ".nan_to_num_(nan=math.inf, posinf=math.inf)", ".nan_to_num_(nan=0.0, posinf=math.inf)", "error plan: NaN (0·∞) read as 0"),
+    (EP, ".nan_to_num_(nan=math.inf, posinf=math.inf)", ".nan_to_num_(nan=math.inf)", "error plan: ∞ clipped to the largest float"),
+    (EP, "    delta = _comb([(1.0, pc), (1.0, p)])", "    delta = p", "error plan: the centre's error left out of delta"),
 ]
 
 

@@ -12,7 +12,11 @@ times the input's elements, and bound the others from the step's error model
   ``lip·‖a‖`` by rounding alone;
 * the guard never vouches for a row whose values may overflow at ``x`` (a propagated bound holds
   only up to the first overflow);
-* a missing input norm, or a model list that does not match the steps, is refused.
+* a missing input norm, or a model list that does not match the steps, is refused;
+* of the activations within the limit the fused passes measure only the input and the output at
+  once and defer the others (:class:`gloronet.gloro._Deferred`): measured later for some rows they
+  give exactly the norms the pass would have measured, an activation changed in place since is
+  left propagated, and the guard of those rows is then exactly the guard of the full measurement.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 import gloronet
 from gloronet import fp, kernels, pretrained, radius
 from gloronet.data import load_dataset
-from gloronet.gloro import MEASURE_NORMS_UP_TO, _run_steps
+from gloronet.gloro import MEASURE_NORMS_UP_TO, _Deferred, _run_steps
 from gloronet.nn import accumulate
 
 from test_fused_pass import ARCHITECTURES
@@ -169,3 +173,73 @@ def test_rows_whose_values_may_overflow_are_never_vouched_for():
         big[s][sure[0]] = profile.threshold / profile.peak_rel[s] if profile.peak_rel[s] > 0 else math.inf
         assert radius._may_overflow(profile, radius.body_errors(profile, big, fused_centre=True)).nonzero()[:, 0].tolist() == [
             int(sure[0])], s
+
+
+def _deferred_pass(net, x):
+    """``(full norms, deferred norms, deferred, shapes, logits)`` of the fused pass with and without deferral."""
+    steps = net._sound_bounds().steps
+    deferred = _Deferred()
+    with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
+        _, full, shapes = _run_steps(x, steps, measure=True, measure_up_to=MEASURE_NORMS_UP_TO)
+        h, lazy, _ = _run_steps(x, steps, measure=True, measure_up_to=MEASURE_NORMS_UP_TO, deferred=deferred)
+        logits = net.head(h)
+    return full, lazy, deferred, shapes, logits
+
+
+def test_deferred_norms_measured_later_are_those_the_pass_would_have_measured():
+    torch.manual_seed(0)
+    net = gloronet.models.create("4c3f", (1, 28, 28), 10, 1.58).eval()
+    x = torch.rand(6, 1, 28, 28)
+    full, lazy, deferred, _, _ = _deferred_pass(net, x)
+    assert len(deferred) >= 1 and lazy[0] is not None and lazy[-1] is not None
+    assert [n is None for n in lazy].count(True) > [n is None for n in full].count(True)  # something was deferred
+    kept = {s: a for positions, a, _ in deferred for s in positions}
+    for rows in (torch.arange(6), torch.tensor([4, 1])):
+        got = deferred.norms_of(lazy, rows)
+        for s, (a, b) in enumerate(zip(got, full)):
+            assert (a is None) == (b is None)
+            if a is not None:  # the same measurement (up to the order of the reduction), an upper bound
+                torch.testing.assert_close(a, b[rows], rtol=1e-6, atol=0)
+                if s in kept:
+                    assert bool((a >= kept[s][rows].double().flatten(1).norm(dim=1)).all())
+
+
+def test_an_activation_changed_in_place_after_the_pass_is_left_propagated():
+    a = torch.ones(3, 4)
+    deferred = _Deferred([([1, 2], a, a._version)])
+    norms = [torch.ones(3, dtype=torch.float64), None, None, torch.ones(3, dtype=torch.float64)]
+    assert deferred.norms_of(norms, torch.tensor([0, 2]))[1] is not None
+    a.mul_(0.5)  # the values the pass used are gone
+    got = deferred.norms_of(norms, torch.tensor([0, 2]))
+    assert got[1] is None and got[2] is None and torch.equal(got[0], norms[0][[0, 2]])
+
+
+def test_the_guard_of_the_rows_measured_again_is_that_of_the_full_measurement():
+    """Deferring only loosens the first guard (a superset of rows flagged); measured again, those
+    rows get exactly the verdict of the fully measured pass."""
+    net = pretrained.load("mnist-4c3f-eps1.58")
+    x = load_dataset("mnist", "test", limit=1024)[0]
+    full, lazy, deferred, shapes, logits = _deferred_pass(net, x)
+    bounds = net._sound_bounds()
+    profile = net._profile(bounds, tuple(shapes))
+    exact = radius.fused_may_differ(profile, bounds.D, radius.body_errors(profile, full, fused_centre=True), logits)
+    cheap = radius.fused_may_differ(profile, bounds.D, radius.body_errors(profile, lazy, fused_centre=True), logits)
+    assert bool((cheap | ~exact).all())  # never vouches for a row the full measurement flags
+    assert int(cheap.sum()) > int(exact.sum()) > 0  # the construction bites: deferral loosens, some rows flagged
+    rows = cheap.nonzero()[:, 0]
+    fine = radius.body_errors(profile, deferred.norms_of(lazy, rows), fused_centre=True)
+    assert torch.equal(radius.fused_may_differ(profile, bounds.D, fine, logits[rows]), exact[rows])
+
+
+def test_clear_rows_measure_only_the_input_and_the_output(monkeypatch):
+    net = pretrained.load("mnist-2c2f-eps0.3")
+    x = load_dataset("mnist", "test", limit=64)[0]
+    sizes: list[tuple[int, int]] = []
+    original = fp.norm_upper
+    monkeypatch.setattr(fp, "norm_upper", lambda h: sizes.append(tuple(h.flatten(1).shape)) or original(h))
+    with torch.no_grad():
+        out = net(x)
+    unsure_rows = [n for n, d in sizes[2:]]
+    assert sizes[:2] == [(64, 784), (64, 100)], sizes  # the input, then the body's output
+    assert all(n < 64 for n in unsure_rows), sizes  # anything else: measured for a few rows only
+    assert torch.equal(out.argmax(1), net.certify(x, fast=False).pred)

@@ -24,6 +24,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -158,7 +159,10 @@ RECHECK_BELOW = 1e-3  # certify rechecks rows with fused radius ≤ ε < exact-a
 # many elements as its input (and always the input, the body's output, and the activation after one it did
 # not measure); a larger one — a convolution's wide early output, which costs 2-4% of the pass to read
 # again — gets the bound the step's error model propagates (radius.propagated_norms): looser, so a few
-# more rows are measured again by the chunked program.
+# more rows are measured again by the chunked program. Of those it would measure, the fused pass measures
+# only the input and the output at once and defers the others (_Deferred): the bounds of every row come
+# from the two and the propagated norms, and only the rows those cannot vouch for (or certify) are then
+# measured at the deferred activations too, which the pass keeps until then.
 MEASURE_NORMS_UP_TO = 8
 
 
@@ -207,8 +211,10 @@ class GloroNet(nn.Module):
             bounds = self._fast_bounds(x.device)
             if bounds is None:
                 return self.head(self.body(x))
+            deferred = _Deferred()
             with accumulate.fused():
-                h, norms, shapes = _run_steps(x, bounds.steps, measure=True, measure_up_to=MEASURE_NORMS_UP_TO)
+                h, norms, shapes = _run_steps(x, bounds.steps, measure=True, measure_up_to=MEASURE_NORMS_UP_TO,
+                                              deferred=deferred)
                 logits = self.head(h)
             with torch.no_grad():
                 try:
@@ -218,6 +224,11 @@ class GloroNet(nn.Module):
                     return self.head(self.body(x))
                 errors = radius_mod.body_errors(profile, norms, fused_centre=True)  # propagates the unmeasured norms
                 unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits)
+                if deferred and bool(unsure.any()):  # those rows again, with the deferred norms measured
+                    rows = unsure.nonzero()[:, 0]
+                    fine = deferred.norms_of(norms, rows)
+                    errors = radius_mod.body_errors(profile, fine, fused_centre=True)
+                    unsure[rows] = radius_mod.fused_may_differ(profile, bounds.D, errors, logits[rows])
             if bool(unsure.any()):
                 rows = unsure.nonzero()[:, 0]
                 logits = logits.index_put((rows,), self.head(self.body(x[rows])))
@@ -356,10 +367,11 @@ class GloroNet(nn.Module):
             raise ValueError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
         relax = relaxed.make_relaxation(self.num_classes, top_k, affinity)
         if relax is not None:
-            logits, margins, adjust, _ = self._margin_pass(x, arithmetic, fused=False)
+            logits, margins, adjust, _, _ = self._margin_pass(x, arithmetic, fused=False)
             return relaxed.certify_relaxed(margins, logits, relax, eps, arithmetic, adjust)
         bounds = self._sound_bounds()  # checked once: every pass of this call reads the same model
-        logits, margins, adjust, unsure = self._margin_pass(x, arithmetic, fused=fast, bounds=bounds)
+        first = self._margin_pass(x, arithmetic, fused=fast, bounds=bounds)
+        logits, margins, adjust, unsure = first.logits, first.margins, first.adjust, first.unsure
         logits = logits.detach().to(torch.float64)
         pred = logits.argmax(dim=1)
         radius = adjust(radius_mod.certified_radii(margins, pred))
@@ -369,9 +381,16 @@ class GloroNet(nn.Module):
             at = [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]
             exact = self._exact_radii(logits, margins.K, pred, adjust, (radius <= max(at)) | recheck)
             recheck |= _short_of(radius, exact, at)
+        if first.refine is not None and bool(recheck.any()):  # those rows again with the deferred norms measured
+            rows = recheck.nonzero()[:, 0]
+            margins2, adjust2, unsure2 = first.refine(rows)
+            if arithmetic == "float":  # both radii are proven for pred: the larger stands
+                radius[rows] = torch.maximum(radius[rows], adjust2(radius_mod.certified_radii(margins2, pred[rows])))
+                unsure2 = unsure2 | _short_of(radius[rows], exact[rows], at)
+            recheck[rows] = unsure2
         if bool(recheck.any()):
             rows = recheck.nonzero()[:, 0]
-            again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False, bounds=bounds)
+            again, margins2, adjust2, _, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False, bounds=bounds)
             pred2 = again.detach().argmax(dim=1).to(pred.device)
             radius2 = adjust2(radius_mod.certified_radii(margins2, pred2)).to(radius.device)
             if arithmetic == "float":  # still short: also around a float64 centre (both radii proven for pred2)
@@ -398,15 +417,17 @@ class GloroNet(nn.Module):
         return adjust(exact)
 
     def _margin_pass(self, x: torch.Tensor, arithmetic: str, fused: bool = False, bounds: _Bounds | None = None):
-        """The certifying forward pass: ``(logits, MarginBounds, adjust, unsure)``, where ``adjust``
-        maps radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus
-        the cast to the model's dtype; 0 for non-finite inputs, logits or bounds).
+        """The certifying forward pass: a :class:`_MarginPass` ``(logits, MarginBounds, adjust,
+        unsure, refine)``, where ``adjust`` maps radii (B,) or (B, K) around the point the model
+        received to radii around ``x`` (minus the cast to the model's dtype; 0 for non-finite inputs,
+        logits or bounds).
 
         ``fused``: the pass runs fused kernels (its centre error from their models) and ``unsure``
         (B,) flags the rows where the certified program's prediction may differ from the pass's
-        (:func:`gloronet.radius.fused_may_differ`); otherwise the pass is the certified program
-        itself and ``unsure`` is None. ``bounds``: :meth:`_sound_bounds`, when the caller has just
-        checked them (one ``certify`` call)."""
+        (:func:`gloronet.radius.fused_may_differ`); ``refine(rows)`` gives ``(MarginBounds, adjust,
+        unsure)`` of those rows with the norms the pass deferred measured (None when it deferred
+        none). Otherwise the pass is the certified program itself and ``unsure``, ``refine`` are None.
+        ``bounds``: :meth:`_sound_bounds`, when the caller has just checked them (one ``certify`` call)."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
             todo = (": convert uint8 pixels with x.float() / 255 (gloronet.certify.certify_dataset takes uint8 as is)"
@@ -420,10 +441,11 @@ class GloroNet(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
+            deferred = _Deferred() if fused else None
             with kernels.sound_kernels(), kernels.no_autocast(device.type), (
                     accumulate.fused() if fused else contextlib.nullcontext()):
                 h, norms, shapes = _run_steps(xc, bounds.steps, measure=sound_fp or fused,
-                                              measure_up_to=MEASURE_NORMS_UP_TO if fused else None)
+                                              measure_up_to=MEASURE_NORMS_UP_TO if fused else None, deferred=deferred)
                 logits = self.head(h)
         finally:
             for m, mode in modes:  # restore each module's own mode (not recursively)
@@ -445,7 +467,19 @@ class GloroNet(nn.Module):
         unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits) if fused else None
         # a finite norm bound means every coordinate of the input is finite
         finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
-        return logits, margins, _adjuster(_finite_rows(logits, finite_x, bounds.K), _cast_shift(x, xc)), unsure
+        finite, shift = _finite_rows(logits, finite_x, bounds.K), _cast_shift(x, xc)
+
+        def refine(rows: torch.Tensor):
+            fine = deferred.norms_of(norms, rows)
+            errors_r = radius_mod.body_errors(profile, fine, fused_centre=True)
+            lg = logits[rows]
+            margins_r = radius_mod.margin_bounds(lg, bounds.K, bounds.D, profile if sound_fp else None, fine, h[rows],
+                                                 fused_centre=True, errors=errors_r)
+            adjust_r = _adjuster(finite[rows], None if shift is None else shift[rows.to(shift.device)])
+            return margins_r, adjust_r, radius_mod.fused_may_differ(profile, bounds.D, errors_r, lg)
+
+        return _MarginPass(logits, margins, _adjuster(finite, shift), unsure,
+                           refine if fused and profile is not None and deferred else None)
 
     def _float64_centre_radii(self, x: torch.Tensor, pred: torch.Tensor, bounds: _Bounds | None = None) -> torch.Tensor | None:
         """(B,) radii within which the certified (float32) program predicts ``pred`` strictly,
@@ -504,7 +538,34 @@ class GloroNet(nn.Module):
         return f"epsilon={self.epsilon}"
 
 
-def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None, measure_up_to: float | None = None):
+class _MarginPass(NamedTuple):
+    """What :meth:`GloroNet._margin_pass` returns."""
+
+    logits: torch.Tensor
+    margins: radius_mod.MarginBounds
+    adjust: object  # radii around the point the model received -> radii around the caller's x
+    unsure: torch.Tensor | None
+    refine: object  # rows -> (MarginBounds, adjust, unsure) with the deferred norms measured; or None
+
+
+class _Deferred(list):
+    """The activations a pass kept instead of measuring their norms (:func:`_run_steps`): entries
+    ``(positions, activation, version)``; :meth:`norms_of` measures them for some rows."""
+
+    def norms_of(self, norms: list, rows: torch.Tensor) -> list:
+        """``norms`` of ``rows`` with the deferred ones measured now (an activation changed in place
+        since — its version moved — stays propagated: its values are no longer those the pass used)."""
+        out = [None if n is None else n[rows.to(n.device)] for n in norms]
+        for positions, a, version in self:
+            if a._version == version:
+                rho = fp.norm_upper(a[rows.to(a.device)])
+                for s in positions:
+                    out[s] = rho
+        return out
+
+
+def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None, measure_up_to: float | None = None,
+               deferred: _Deferred | None = None):
     """``(output, norms, shapes)`` of running the body's ``steps`` on ``h``: the per-example input
     shape of every step and, with ``measure``, upper bounds of ‖input‖ of every step and of the
     output (re-used after steps that never lengthen: :func:`never_increases_norm`). ``calls``: what
@@ -512,16 +573,25 @@ def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None, measure_up_to:
     ``measure_up_to``: an activation with more than this many times the input's elements per example
     is not measured (None in ``norms``: :func:`gloronet.radius.propagated_norms` bounds it) unless
     the one before it was not either — a propagated bound never spans two steps; the input and the
-    output always are measured."""
+    output always are measured. ``deferred``: the other activations it would measure are kept there
+    instead (their norms None: propagated, or measured later for some rows by
+    :meth:`_Deferred.norms_of`)."""
     norms, shapes, fresh, skipped = [], [], True, False
     limit = None if measure_up_to is None else measure_up_to * math.prod(h.shape[1:])
 
     def bound(a: torch.Tensor, last: bool):
         nonlocal skipped
         if not fresh and (norms[-1] is not None or not last):
+            if deferred and deferred[-1][0][-1] == len(norms) - 1:  # the same activation's norm: one more place
+                deferred[-1][0].append(len(norms))
             return norms[-1]
         skipped = bool(norms) and not last and not skipped and limit is not None and math.prod(a.shape[1:]) > limit
-        return None if skipped else fp.norm_upper(a)
+        if skipped:
+            return None
+        if deferred is not None and norms and not last:
+            deferred.append(([len(norms)], a, a._version))
+            return None
+        return fp.norm_upper(a)
 
     for i, step in enumerate(steps):
         shapes.append(tuple(h.shape[1:]))
