@@ -228,6 +228,10 @@ MUTANTS = [
     (EP, ".nan_to_num_(nan=math.inf, posinf=math.inf)", ".nan_to_num_(nan=0.0, posinf=math.inf)", "error plan: NaN (0·∞) read as 0"),
     (EP, ".nan_to_num_(nan=math.inf, posinf=math.inf)", ".nan_to_num_(nan=math.inf)", "error plan: ∞ clipped to the largest float"),
     (EP, "    delta = _comb([(1.0, pc), (1.0, p)])", "    delta = p", "error plan: the centre's error left out of delta"),
+    # ---- deferred norms (gloronet.gloro._Deferred)
+    (GL, "            if a._version == version:\n", "            if True:\n", "deferred norms: an activation changed in place measured anyway"),
+    (GL, "deferred.append(([len(norms)], a, a._version))", "deferred.append(([len(norms) - 1], a, a._version))",
+     "deferred norms: a measurement filed at the step before"),
 ]
 
 

@@ -347,10 +347,10 @@ class GloroNet(nn.Module):
         ``recheck_at`` (default ``[epsilon]``) while their exact-arithmetic radius reaches it — the
         latter also around a float64 centre where the body allows (:mod:`gloronet.centre64`: almost
         none of the centre's share of the rounding allowance is left); the larger proven radius
-        stands. The fused centre errs more than the chunked one, and it measures the norms of wide
-        activations less tightly (:data:`MEASURE_NORMS_UP_TO`), so radii away from those ε are
-        slightly smaller (all sound; at ε ``certified`` is at least that of ``fast=False`` up to
-        rounding-level differences between the two centres).
+        stands. The fused centre errs more than the chunked one, and it bounds the norms of wide
+        activations less tightly (:data:`MEASURE_NORMS_UP_TO`) and measures the others only for the
+        rows above, so radii away from those ε are slightly smaller (all sound; at ε ``certified``
+        is at least that of ``fast=False`` up to rounding-level differences between the two centres).
         ``fast=False``: the certified program throughout (relaxed certificates always use it).
 
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
