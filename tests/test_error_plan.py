@@ -97,3 +97,21 @@ def test_a_plan_refuses_an_unmeasured_input_and_mismatched_lengths():
         error_plan.plan([m], [m, m], (True, True), [1.0, 1.0], [0.0, 0.0], "cpu")
     with pytest.raises(ValueError):
         error_plan.plan([m], [m], (True, True), [1.0], [0.0], "cpu")
+
+
+def test_products_that_underflow_are_covered():
+    """Norms so small that their products with the coefficients are subnormal: each product may
+    lose half a subnormal ulp, beyond any relative slack, and the plan must still dominate."""
+    rng = random.Random(7)
+    models = [fp.ErrorModel(lip=rng.uniform(0.3, 0.9), rel=rng.uniform(0.3, 0.9), abs=0.0, offset=0.0) for _ in range(4)]
+    measured = (True, True, True, True, True)
+    peaks = [rng.uniform(0.3, 0.9) for _ in range(5)]
+    zeros = [0.0] * 5
+    rows = [[rng.uniform(1e-321, 1e-320) for _ in range(5)] for _ in range(400)]
+    norms = [torch.tensor([r[s] for r in rows], dtype=torch.float64) for s in range(5)]
+    out = error_plan.plan(models, models, measured, peaks, zeros, "cpu")(norms)
+    for b, row in enumerate(rows):
+        exact = _exact(models, models, row, peaks, zeros)
+        got = [float(out.delta[b]), float(out.ball[b]), *out.loads[b].tolist()]
+        for k, (value, want) in enumerate(zip(got, [exact[0], exact[1], *exact[2]])):
+            assert Fraction(value) >= want, (k, b)
