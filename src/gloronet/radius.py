@@ -167,10 +167,11 @@ def body_errors(profile: Profile, norms: list, fused_centre: bool) -> error_plan
     """The module docstring's bounds at ``r = 0`` (float64, rounded up): ``delta = Pc_S + P_S``
     (B,) (the centre's error plus the certified program's error at ``x`` beyond it), ``ball =
     ρ̂_S + Pc_S + P_S`` (B,) and the overflow ``loads`` (B, S + 1) ``peak_rel_s·ball_s +
-    peak_abs_s`` of the steps and the head, ``ball_s = ρ̂_s + Pc_s + P_s``. ``fused_centre``: the centre errors come
-    from ``profile.fused``. ``norms`` (``ρ̂_s``, ``s = 0..S``) may miss entries (None) after the
-    input: they are propagated by the centre pass's models (:func:`propagated_norms`). Evaluated
-    as one affine map of the measured norms (:mod:`gloronet.error_plan`), planned once per profile."""
+    peak_abs_s`` of the steps and the head, ``ball_s = ρ̂_s + Pc_s + P_s``. ``fused_centre``: the
+    centre errors come from ``profile.fused``. ``norms`` (``ρ̂_s``, ``s = 0..S``) may miss entries
+    (None) after the input: they are propagated by the centre pass's models
+    (:func:`propagated_norms`). Evaluated as one affine map of the measured norms
+    (:mod:`gloronet.error_plan`), planned once per profile and pattern of measured norms."""
     measured = tuple(n is not None for n in norms)
     device = norms[0].device
     key = (fused_centre, measured, device)
