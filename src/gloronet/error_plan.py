@@ -13,10 +13,11 @@ the pass measured, plus a constant:
 
 :func:`plan` folds the recursion into coefficients once per profile, rounding every operation up
 (all quantities are non-negative and the recursion is monotone, so the affine form dominates it
-in exact arithmetic). At run time one matrix product of the ``M`` measured norms with those
-coefficients gives every bound of a batch; its terms are non-negative, so its relative error is
-at most ``γ_{M+1}`` (float64), far inside :data:`gloronet.fp.INFLATE`, and its underflows at most
-``(M + 1)·2⁻¹⁰⁷⁴``, added before the final upward rounding. A NaN (``0·∞``: an infinite norm or
+in exact arithmetic). At run time ``M`` multiply-adds of the measured norms with those
+coefficients (a matrix product, summed in order) give every bound of a batch; its terms are
+non-negative, so its relative error is at most ``γ_{2M+1}`` (float64), far inside
+:data:`gloronet.fp.INFLATE`, and its underflows at most ``(M + 1)·2⁻¹⁰⁷⁴``, added before the final
+upward rounding. A NaN (``0·∞``: an infinite norm or
 coefficient) becomes ``∞``: nothing certifies from it.
 """
 from __future__ import annotations
