@@ -275,8 +275,7 @@ def test_every_kernel_call_sums_within_the_depth_its_error_model_assumes(name, m
 def test_the_centre_is_analysed_with_the_models_of_the_kernels_that_computed_it(monkeypatch, fast):
     """Every float certificate (and the guard) takes its centre error (:func:`radius.body_errors`,
     where the centre's models are chosen) from the error models of the kernels the pass at ``x``
-    actually ran: fused (one 4096-term call) or chunked. A call with no kernel run since the last
-    one analyses the same pass again (its deferred norms measured for some rows)."""
+    actually ran: fused (one 4096-term call) or chunked."""
     net = _long_sums_net()
     x = torch.cat([_near_ties(net, 8, seed=6), _clear_points(net, 8, seed=7)])
     seen = []
@@ -284,7 +283,7 @@ def test_the_centre_is_analysed_with_the_models_of_the_kernels_that_computed_it(
     rec = _KernelCalls()
 
     def spy(profile, norms, fused_centre):
-        widest = max((t for name, t in rec.calls if name in ("linear", "conv2d")), default=seen[-1][1] if seen else 0)
+        widest = max((t for name, t in rec.calls if name in ("linear", "conv2d")), default=0)
         seen.append((fused_centre, widest))
         centre = profile.fused if fused_centre else profile.models
         float64.append(rec.float64 and norms[0].dtype == torch.float64)  # the pass at x ran in float64
@@ -300,11 +299,10 @@ def test_the_centre_is_analysed_with_the_models_of_the_kernels_that_computed_it(
         cert = net.certify(x, epsilon=0.01, fast=fast, recheck_at=just_below)
     assert seen and all(f == (w == 4096) for f, w in seen), seen
     assert any(f for f, _ in seen) == fast
-    # fast: the fused pass, its near ties again with the deferred norms measured, then measured
-    # again by the certified program, and around a float64 centre (gloronet.centre64) — whose centre
-    # models are float64 ones (rel ~2⁻²⁹ smaller)
-    assert len(seen) == (4 if fast else 1)
-    assert [r < 1e-6 for r in ratios] == float64 == ([False, False, False, True] if fast else [False])
+    # fast: the fused pass, the near ties measured again by the certified program, and around a
+    # float64 centre (gloronet.centre64) — whose centre models are float64 ones (rel ~2⁻²⁹ smaller)
+    assert len(seen) == (3 if fast else 1)
+    assert [r < 1e-6 for r in ratios] == float64 == ([False, False, True] if fast else [False])
     assert cert.radius.shape == (len(x),)
 
 

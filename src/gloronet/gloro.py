@@ -24,7 +24,6 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -159,10 +158,10 @@ RECHECK_BELOW = 1e-3  # certify rechecks rows with fused radius ≤ ε < exact-a
 # many elements as its input (and always the input, the body's output, and the activation after one it did
 # not measure); a larger one — a convolution's wide early output, which costs 2-4% of the pass to read
 # again — gets the bound the step's error model propagates (radius.propagated_norms): looser, so a few
-# more rows are measured again by the chunked program. Of those it would measure, the fused pass measures
-# only the input and the output at once and defers the others (_Deferred): the bounds of every row come
-# from the two and the propagated norms, and only the rows those cannot vouch for (or certify) are then
-# measured at the deferred activations too, which the pass keeps until then.
+# more rows are measured again by the chunked program. Of those, the eval forward measures only the input
+# and the output at once and defers the others (_Deferred): its guard reads the two and the propagated
+# norms, and only the rows it cannot vouch for are measured at the kept activations too (certify
+# measures every one at once: it reports every row's radius).
 MEASURE_NORMS_UP_TO = 8
 
 
@@ -347,10 +346,10 @@ class GloroNet(nn.Module):
         ``recheck_at`` (default ``[epsilon]``) while their exact-arithmetic radius reaches it — the
         latter also around a float64 centre where the body allows (:mod:`gloronet.centre64`: almost
         none of the centre's share of the rounding allowance is left); the larger proven radius
-        stands. The fused centre errs more than the chunked one, and it bounds the norms of wide
-        activations less tightly (:data:`MEASURE_NORMS_UP_TO`) and measures the others only for the
-        rows above, so radii away from those ε are slightly smaller (all sound; at ε ``certified``
-        is at least that of ``fast=False`` up to rounding-level differences between the two centres).
+        stands. The fused centre errs more than the chunked one, and it measures the norms of wide
+        activations less tightly (:data:`MEASURE_NORMS_UP_TO`), so radii away from those ε are
+        slightly smaller (all sound; at ε ``certified`` is at least that of ``fast=False`` up to
+        rounding-level differences between the two centres).
         ``fast=False``: the certified program throughout (relaxed certificates always use it).
 
         The forward pass runs in eval mode, without autocast, on a copy of ``x`` (never mutated).
@@ -367,11 +366,10 @@ class GloroNet(nn.Module):
             raise ValueError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
         relax = relaxed.make_relaxation(self.num_classes, top_k, affinity)
         if relax is not None:
-            logits, margins, adjust, _, _ = self._margin_pass(x, arithmetic, fused=False)
+            logits, margins, adjust, _ = self._margin_pass(x, arithmetic, fused=False)
             return relaxed.certify_relaxed(margins, logits, relax, eps, arithmetic, adjust)
         bounds = self._sound_bounds()  # checked once: every pass of this call reads the same model
-        first = self._margin_pass(x, arithmetic, fused=fast, bounds=bounds)
-        logits, margins, adjust, unsure = first.logits, first.margins, first.adjust, first.unsure
+        logits, margins, adjust, unsure = self._margin_pass(x, arithmetic, fused=fast, bounds=bounds)
         logits = logits.detach().to(torch.float64)
         pred = logits.argmax(dim=1)
         radius = adjust(radius_mod.certified_radii(margins, pred))
@@ -381,16 +379,9 @@ class GloroNet(nn.Module):
             at = [eps] if recheck_at is None else [check_epsilon(e) for e in recheck_at]
             exact = self._exact_radii(logits, margins.K, pred, adjust, (radius <= max(at)) | recheck)
             recheck |= _short_of(radius, exact, at)
-        if first.refine is not None and bool(recheck.any()):  # those rows again with the deferred norms measured
-            rows = recheck.nonzero()[:, 0]
-            margins2, adjust2, unsure2 = first.refine(rows)
-            if arithmetic == "float":  # both radii are proven for pred: the larger stands
-                radius[rows] = torch.maximum(radius[rows], adjust2(radius_mod.certified_radii(margins2, pred[rows])))
-                unsure2 = unsure2 | _short_of(radius[rows], exact[rows], at)
-            recheck[rows] = unsure2
         if bool(recheck.any()):
             rows = recheck.nonzero()[:, 0]
-            again, margins2, adjust2, _, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False, bounds=bounds)
+            again, margins2, adjust2, _ = self._margin_pass(x[rows.to(x.device)], arithmetic, fused=False, bounds=bounds)
             pred2 = again.detach().argmax(dim=1).to(pred.device)
             radius2 = adjust2(radius_mod.certified_radii(margins2, pred2)).to(radius.device)
             if arithmetic == "float":  # still short: also around a float64 centre (both radii proven for pred2)
@@ -417,17 +408,16 @@ class GloroNet(nn.Module):
         return adjust(exact)
 
     def _margin_pass(self, x: torch.Tensor, arithmetic: str, fused: bool = False, bounds: _Bounds | None = None):
-        """The certifying forward pass: a :class:`_MarginPass` ``(logits, MarginBounds, adjust,
-        unsure, refine)``, where ``adjust`` maps radii (B,) or (B, K) around the point the model
-        received to radii around ``x`` (minus the cast to the model's dtype; 0 for non-finite inputs,
-        logits or bounds).
+        """The certifying forward pass: ``(logits, MarginBounds, adjust, unsure)``, where ``adjust``
+        maps radii (B,) or (B, K) around the point the model received to radii around ``x`` (minus
+        the cast to the model's dtype; 0 for non-finite inputs, logits or bounds).
 
         ``fused``: the pass runs fused kernels (its centre error from their models) and ``unsure``
         (B,) flags the rows where the certified program's prediction may differ from the pass's
-        (:func:`gloronet.radius.fused_may_differ`); ``refine(rows)`` gives ``(MarginBounds, adjust,
-        unsure)`` of those rows with the norms the pass deferred measured (None when it deferred
-        none). Otherwise the pass is the certified program itself and ``unsure``, ``refine`` are None.
-        ``bounds``: :meth:`_sound_bounds`, when the caller has just checked them (one ``certify`` call)."""
+        (:func:`gloronet.radius.fused_may_differ`); otherwise the pass is the certified program
+        itself and ``unsure`` is None. It measures every norm it uses at once (no deferral: every
+        row's radius is reported, and is as sharp as these norms make it). ``bounds``:
+        :meth:`_sound_bounds`, when the caller has just checked them (one ``certify`` call)."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
             todo = (": convert uint8 pixels with x.float() / 255 (gloronet.certify.certify_dataset takes uint8 as is)"
@@ -441,11 +431,10 @@ class GloroNet(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            deferred = _Deferred() if fused else None
             with kernels.sound_kernels(), kernels.no_autocast(device.type), (
                     accumulate.fused() if fused else contextlib.nullcontext()):
                 h, norms, shapes = _run_steps(xc, bounds.steps, measure=sound_fp or fused,
-                                              measure_up_to=MEASURE_NORMS_UP_TO if fused else None, deferred=deferred)
+                                              measure_up_to=MEASURE_NORMS_UP_TO if fused else None)
                 logits = self.head(h)
         finally:
             for m, mode in modes:  # restore each module's own mode (not recursively)
@@ -467,19 +456,7 @@ class GloroNet(nn.Module):
         unsure = radius_mod.fused_may_differ(profile, bounds.D, errors, logits) if fused else None
         # a finite norm bound means every coordinate of the input is finite
         finite_x = torch.isfinite(norms[0]) if norms else torch.isfinite(xc.flatten(1)).all(dim=1)
-        finite, shift = _finite_rows(logits, finite_x, bounds.K), _cast_shift(x, xc)
-
-        def refine(rows: torch.Tensor):
-            fine = deferred.norms_of(norms, rows)
-            errors_r = radius_mod.body_errors(profile, fine, fused_centre=True)
-            lg = logits[rows]
-            margins_r = radius_mod.margin_bounds(lg, bounds.K, bounds.D, profile if sound_fp else None, fine, h[rows],
-                                                 fused_centre=True, errors=errors_r)
-            adjust_r = _adjuster(finite[rows], None if shift is None else shift[rows.to(shift.device)])
-            return margins_r, adjust_r, radius_mod.fused_may_differ(profile, bounds.D, errors_r, lg)
-
-        return _MarginPass(logits, margins, _adjuster(finite, shift), unsure,
-                           refine if fused and profile is not None and deferred else None)
+        return logits, margins, _adjuster(_finite_rows(logits, finite_x, bounds.K), _cast_shift(x, xc)), unsure
 
     def _float64_centre_radii(self, x: torch.Tensor, pred: torch.Tensor, bounds: _Bounds | None = None) -> torch.Tensor | None:
         """(B,) radii within which the certified (float32) program predicts ``pred`` strictly,
@@ -536,16 +513,6 @@ class GloroNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
-
-
-class _MarginPass(NamedTuple):
-    """What :meth:`GloroNet._margin_pass` returns."""
-
-    logits: torch.Tensor
-    margins: radius_mod.MarginBounds
-    adjust: object  # radii around the point the model received -> radii around the caller's x
-    unsure: torch.Tensor | None
-    refine: object  # rows -> (MarginBounds, adjust, unsure) with the deferred norms measured; or None
 
 
 class _Deferred(list):
