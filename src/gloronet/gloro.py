@@ -415,8 +415,8 @@ class GloroNet(nn.Module):
         ``fused``: the pass runs fused kernels (its centre error from their models) and ``unsure``
         (B,) flags the rows where the certified program's prediction may differ from the pass's
         (:func:`gloronet.radius.fused_may_differ`); otherwise the pass is the certified program
-        itself and ``unsure`` is None. It measures every norm it uses at once (no deferral: every
-        row's radius is reported, and is as sharp as these norms make it). ``bounds``:
+        itself and ``unsure`` is None. It defers no norm (unlike the eval forward: every row's
+        radius is reported, as sharp as the norms measured at once make it). ``bounds``:
         :meth:`_sound_bounds`, when the caller has just checked them (one ``certify`` call)."""
         if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
