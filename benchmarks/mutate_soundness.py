@@ -214,7 +214,7 @@ MUTANTS = [
      "propagated norms: the bias (offset) dropped"),
     (EP, "fp.up(model.lip + model.rel), fp.up(model.offset + model.abs)", "fp.up(model.lip), fp.up(model.offset + model.abs)",
      "propagated norms: the step's own rounding (rel) dropped"),
-    (EP, "            scale, const = propagation(c)", "            scale, const = propagation(m)", "propagated norms: the certified program's models for the fused pass"),
+    (EP, "    index, rhos = _norm_forms(centre_models, measured)", "    index, rhos = _norm_forms(models, measured)", "propagated norms: the certified program's models for the fused pass"),
     (RA, " & torch.isfinite(delta)) | _may_overflow(profile, errors)", " & torch.isfinite(delta))",
      "guard: rows that may overflow at x vouched for"),
     # ---- the float64 maps of LiResNet's steps

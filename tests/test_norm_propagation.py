@@ -1,7 +1,7 @@
 """The norms the fused pass does not measure (issue 18): ``certify``'s first pass and the eval
 forward read ‖activation‖ again only where it holds at most :data:`gloronet.gloro.MEASURE_NORMS_UP_TO`
 times the input's elements, and bound the others from the step's error model
-(:func:`gloronet.radius.propagated_norms`: ``offset + (lip + rel)ρ + abs``).
+(:func:`gloronet.error_plan.propagated_norms`: ``offset + (lip + rel)ρ + abs``).
 
 * the propagated bound holds for the activations the fused kernels compute, on every registered
   architecture, with large biases (the ``offset`` term: a zero input) and saturated inputs;
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import gloronet
-from gloronet import fp, kernels, pretrained, radius
+from gloronet import error_plan, fp, kernels, pretrained, radius
 from gloronet.data import load_dataset
 from gloronet.gloro import MEASURE_NORMS_UP_TO, _Deferred, _run_steps
 from gloronet.nn import accumulate
@@ -61,7 +61,7 @@ def test_propagated_bounds_hold_for_the_activations_the_fused_kernels_compute(na
         _, measured, shapes = _run_steps(x, bounds.steps, measure=True)
     sparse = [measured[0]] + [None] * (len(measured) - 2) + [measured[-1]]  # every step's bound propagated
     profile = net._profile(bounds, tuple(shapes))
-    propagated = radius.propagated_norms(profile.fused, sparse)
+    propagated = error_plan.propagated_norms(profile.fused, sparse)
     for s, (bound, a) in enumerate(zip(propagated, acts)):
         true = a.double().flatten(1).norm(dim=1)  # float64 norm of the float32 values: exact to ~1e-16
         assert bool((bound >= true * (1 + 1e-12)).all()), f"{name}: step {s} ({type(bounds.steps[min(s, len(acts) - 2)]).__name__})"
@@ -111,9 +111,9 @@ def test_the_fused_passes_measure_exactly_the_activations_within_the_limit(monke
 def test_propagation_refuses_a_missing_input_norm_or_a_model_list_of_another_length():
     m = fp.ErrorModel(lip=1.0)
     with pytest.raises(ValueError, match="input's norm"):
-        radius.propagated_norms([m], [None, torch.ones(2)])
+        error_plan.propagated_norms([m], [None, torch.ones(2)])
     with pytest.raises(ValueError, match="one model per step"):
-        radius.propagated_norms([m, m], [torch.ones(2), None])
+        error_plan.propagated_norms([m, m], [torch.ones(2), None])
 
 
 def test_the_steps_own_rounding_counts_where_the_lipschitz_bound_is_attained():
@@ -135,7 +135,7 @@ def test_the_steps_own_rounding_counts_where_the_lipschitz_bound_is_attained():
         with torch.no_grad(), kernels.sound_kernels(), accumulate.fused():
             out = layer(a).double().norm(dim=1)
             model = error_model_of(layer, (4096,), torch.float32, lip)
-        bound = radius.propagated_norms([model], [rho, None])[1]
+        bound = error_plan.propagated_norms([model], [rho, None])[1]
         assert bool((bound >= out).all())
         past += int((out > lip * rho).sum())
         checked += 1

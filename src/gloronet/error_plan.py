@@ -66,13 +66,52 @@ class ErrorPlan:
     const: torch.Tensor  # (S + 3,) float64
 
     def __call__(self, norms) -> BodyErrors:
-        first = norms[self.measured[0]]
-        out = self.const.expand(len(first), -1).clone()
-        for k, s in enumerate(self.measured):  # a sum of M non-negative products per entry, in order
-            out.addcmul_(norms[s].to(self.coef)[:, None], self.coef[k])
-        tiny = (len(self.measured) + 2) * _SUBNORMAL  # the products' underflow (exact: a subnormal)
-        out = torch.nextafter(out * fp.INFLATE + tiny, out.new_tensor(math.inf)).nan_to_num_(nan=math.inf, posinf=math.inf)
+        out = _evaluate(self.measured, self.coef, self.const, norms)
         return BodyErrors(out[:, 0], out[:, 1], out[:, 2:])
+
+
+def _evaluate(measured: tuple[int, ...], coef: torch.Tensor, const: torch.Tensor, norms) -> torch.Tensor:
+    """(B, K) upper bounds of ``norms[measured] @ coef + const`` (the module docstring's rounding)."""
+    out = const.expand(len(norms[measured[0]]), -1).clone()
+    for k, s in enumerate(measured):  # a sum of M non-negative products per entry, in order
+        out.addcmul_(norms[s].to(coef)[:, None], coef[k])
+    tiny = (len(measured) + 2) * _SUBNORMAL  # the products' underflow (exact: a subnormal)
+    return torch.nextafter(out * fp.INFLATE + tiny, out.new_tensor(math.inf)).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def _table(forms, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(coef (M, K), const (K,))`` of K affine forms (lists, the constant last)."""
+    table = torch.tensor(forms, dtype=torch.float64, device=device).t()  # (M + 1, K)
+    return table[:-1].contiguous(), table[-1].contiguous()
+
+
+def _norm_forms(centre_models, measured: tuple[bool, ...]) -> tuple[list[int], list[list[float]]]:
+    """``(index, forms)``: the steps whose norm was measured, and ``ρ̂_s`` (``s = 0..S``) as affine
+    forms of those norms — a measured one itself, any other propagated from the one before by the
+    model of the step that computed it (:func:`propagation`)."""
+    if len(measured) != len(centre_models) + 1 or not measured[0]:
+        raise ValueError("error plan: one model per step, one flag per norm, and the input's norm measured")
+    index = [s for s, m in enumerate(measured) if m]
+    basis = lambda j: [1.0 if k == j else 0.0 for k in range(len(index) + 1)]  # noqa: E731
+    forms = [basis(0)]
+    for s, c in enumerate(centre_models):
+        if measured[s + 1]:
+            forms.append(basis(index.index(s + 1)))
+        else:
+            scale, const = propagation(c)
+            forms.append(_comb([(scale, forms[-1])], const))
+    return index, forms
+
+
+def propagated_norms(centre_models, norms: list) -> list[torch.Tensor]:
+    """``norms`` (``ρ̂_s``, ``s = 0..S``; None where not measured) with every entry an upper bound:
+    the forms :func:`plan` reads, evaluated (measured ones come back inflated by one rounding).
+    ``centre_models``: the error models of the pass that computed the activations. Sound wherever
+    those models hold, i.e. up to the first overflow: the guard's overflow check and the radius cap
+    of :mod:`gloronet.radius` check that against the loads built from these same forms."""
+    index, forms = _norm_forms(centre_models, tuple(n is not None for n in norms))
+    coef, const = _table(forms, norms[0].device)
+    return list(_evaluate(tuple(index), coef, const, norms).t())
 
 
 def plan(models, centre_models, measured: tuple[bool, ...], peak_rel, peak_abs, device) -> ErrorPlan:
@@ -82,26 +121,17 @@ def plan(models, centre_models, measured: tuple[bool, ...], peak_rel, peak_abs, 
     by ``centre_models``, the kernels that computed those activations); ``peak_rel`` /
     ``peak_abs``: the overflow coefficients of the ``S`` steps and the head."""
     steps = len(models)
-    if (len(centre_models) != steps or len(measured) != steps + 1 or not measured[0]
-            or len(peak_rel) != steps + 1 or len(peak_abs) != steps + 1):
-        raise ValueError("error plan: one model per step, one flag per norm, the input's norm measured, "
-                         "and overflow coefficients for every step and the head")
-    index = [s for s, m in enumerate(measured) if m]
-    basis = lambda j: [1.0 if k == j else 0.0 for k in range(len(index) + 1)]  # noqa: E731
+    if len(centre_models) != steps or len(peak_rel) != steps + 1 or len(peak_abs) != steps + 1:
+        raise ValueError("error plan: one model per step and overflow coefficients for every step and the head")
+    index, rhos = _norm_forms(centre_models, measured)
     zero = [0.0] * (len(index) + 1)
-    rho, pc, p, balls = basis(0), zero, zero, []
-    for s, (m, c) in enumerate(zip(models, centre_models)):
+    pc, p, balls = zero, zero, []
+    for m, c, rho in zip(models, centre_models, rhos):
         ball = _comb([(1.0, rho), (1.0, pc), (1.0, p)])
         balls.append(ball)
         pc = _comb([(c.lip, pc), (c.rel, rho)], c.abs)
         p = _comb([(m.lip, p), (m.rel, ball)], m.abs)
-        if measured[s + 1]:
-            rho = basis(index.index(s + 1))
-        else:
-            scale, const = propagation(c)
-            rho = _comb([(scale, rho)], const)
-    balls.append(_comb([(1.0, rho), (1.0, pc), (1.0, p)]))
+    balls.append(_comb([(1.0, rhos[-1]), (1.0, pc), (1.0, p)]))
     delta = _comb([(1.0, pc), (1.0, p)])
     loads = [_comb([(r, ball)], a) for r, a, ball in zip(peak_rel, peak_abs, balls)]
-    table = torch.tensor([delta, balls[-1], *loads], dtype=torch.float64, device=device).t()  # (M + 1, S + 3)
-    return ErrorPlan(tuple(index), table[:-1].contiguous(), table[-1].contiguous())
+    return ErrorPlan(tuple(index), *_table([delta, balls[-1], *loads], device))

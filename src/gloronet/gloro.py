@@ -157,7 +157,7 @@ RECHECK_BELOW = 1e-3  # certify rechecks rows with fused radius ≤ ε < exact-a
 # The fused pass measures ‖activation‖ only where an example's activation has at most this many times as
 # many elements as its input (and always the input, the body's output, and the activation after one it did
 # not measure); a larger one — a convolution's wide early output, which costs 2-4% of the pass to read
-# again — gets the bound the step's error model propagates (radius.propagated_norms): looser, so a few
+# again — gets the bound the step's error model propagates (error_plan.propagated_norms): looser, so a few
 # more rows are measured again by the chunked program. Of those, the eval forward measures only the input
 # and the output at once and defers the others (_Deferred): its guard reads the two and the propagated
 # norms, and only the rows it cannot vouch for are measured at the kept activations too (certify
@@ -538,7 +538,7 @@ def _run_steps(h: torch.Tensor, steps, measure: bool, calls=None, measure_up_to:
     output (re-used after steps that never lengthen: :func:`never_increases_norm`). ``calls``: what
     evaluates each step instead of the step itself (:func:`gloronet.centre64.float64_steps`).
     ``measure_up_to``: an activation with more than this many times the input's elements per example
-    is not measured (None in ``norms``: :func:`gloronet.radius.propagated_norms` bounds it) unless
+    is not measured (None in ``norms``: :func:`gloronet.error_plan.propagated_norms` bounds it) unless
     the one before it was not either — a propagated bound never spans two steps; the input and the
     output always are measured. ``deferred``: the other activations it would measure are kept there
     instead (their norms None: propagated, or measured later for some rows by

@@ -6,9 +6,9 @@ chunked sums, :mod:`gloronet.nn.accumulate`; ``rel_s``, ``abs_s``) and one of th
 measured the centre (usually the fused kernels, ``rel^c_s``, ``abs^c_s``; the same models when the
 centre was computed by the certified program itself). ``ĉ_s`` is the activation entering step
 ``s`` in the pass ``certify`` ran at ``x`` (``ĉ_S`` enters the head), ``ρ̂_s ≥ ‖ĉ_s‖`` its
-measured norm (or one propagated from ``ρ̂_{s−1}``: :func:`propagated_norms`); ``L_s`` the
-product of the Lipschitz bounds of the steps before ``s``. For any ``x'`` with ``‖x' − x‖ ≤ r``
-and ``a_s(·)`` the exact, ``â_s(·)`` the certified program's activations:
+measured norm (or one propagated from ``ρ̂_{s−1}``: :func:`gloronet.error_plan.propagated_norms`);
+``L_s`` the product of the Lipschitz bounds of the steps before ``s``. For any ``x'`` with
+``‖x' − x‖ ≤ r`` and ``a_s(·)`` the exact, ``â_s(·)`` the certified program's activations:
 
 * centre error ``‖ĉ_s − a_s(x)‖ ≤ Pc_s``:  ``Pc_{s+1} = lip_s Pc_s + rel^c_s ρ̂_s + abs^c_s``;
 * the computed activation at ``x'`` lies within ``Pc_s + L_s r + Δ_s`` of ``ĉ_s`` where
@@ -144,25 +144,6 @@ def make_profile(models, head: Head, dtype, fused=None) -> Profile:
                    growth)
 
 
-def propagated_norms(models, norms: list) -> list[torch.Tensor]:
-    """``norms`` with each missing (None) ``ρ̂_{s+1}`` bounded from ``ρ̂_s`` by the error model of the
-    pass that computed ``ĉ_{s+1}`` (``models``, one per step): ``‖φ̂(a)‖ ≤ ‖φ(0)‖ + ‖φ(a) − φ(0)‖ +
-    ‖φ̂(a) − φ(a)‖ ≤ offset + (lip + rel)‖a‖ + abs`` (:func:`gloronet.error_plan.propagation`). Sound
-    wherever the error model holds, i.e. up to the first overflow: the overflow cap of
-    :func:`margin_bounds` and the guard's :func:`_may_overflow` check that against these same
-    bounds, step by step; ``norms[0]`` (the input) must be measured. :func:`body_errors` folds
-    the same propagation into its plan."""
-    if norms[0] is None or len(norms) != len(models) + 1:
-        raise ValueError("propagated_norms: the input's norm must be measured, and there is one model per step")
-    if all(n is not None for n in norms):
-        return norms
-    out = [norms[0]]
-    for m, measured in zip(models, norms[1:]):
-        scale, const = error_plan.propagation(m)
-        out.append(measured if measured is not None else _up(const + scale * out[-1]))
-    return out
-
-
 def body_errors(profile: Profile, norms: list, fused_centre: bool) -> error_plan.BodyErrors:
     """The module docstring's bounds at ``r = 0`` (float64, rounded up): ``delta = Pc_S + P_S``
     (B,) (the centre's error plus the certified program's error at ``x`` beyond it), ``ball =
@@ -170,7 +151,7 @@ def body_errors(profile: Profile, norms: list, fused_centre: bool) -> error_plan
     peak_abs_s`` of the steps and the head, ``ball_s = ρ̂_s + Pc_s + P_s``. ``fused_centre``: the
     centre errors come from ``profile.fused``. ``norms`` (``ρ̂_s``, ``s = 0..S``) may miss entries
     (None) after the input: they are propagated by the centre pass's models
-    (:func:`propagated_norms`). Evaluated as one affine map of the measured norms
+    (:func:`gloronet.error_plan.propagated_norms`). Evaluated as one affine map of the measured norms
     (:mod:`gloronet.error_plan`), planned once per profile and pattern of measured norms."""
     measured = tuple(n is not None for n in norms)
     device = norms[0].device
@@ -197,8 +178,8 @@ def fused_may_differ(profile: Profile, D: torch.Tensor, errors, logits: torch.Te
     for every ``i ≠ j = argmax ŷ^F``, the certified program predicts ``j`` strictly; elsewhere
     (and for non-finite values) the row is flagged. All of it holds only where neither program
     overflows at ``x``, so rows where :func:`_may_overflow` cannot rule that out are flagged too
-    (a propagated norm, :func:`propagated_norms`, is itself a bound only up to the first overflow,
-    which a later step such as ReLU may hide from the values measured after it)."""
+    (a propagated norm, :func:`gloronet.error_plan.propagated_norms`, is itself a bound only up to
+    the first overflow, which a later step such as ReLU may hide from the values measured after it)."""
     hd = profile.head
     y = logits.detach().to(torch.float64)
     dev = y.device
