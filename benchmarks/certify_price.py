@@ -17,11 +17,14 @@ For each trained run directory (or a synthetic LiResNet at CIFAR shape with ``--
     GLORONET_DATA=../shared/data python benchmarks/certify_price.py runs/price/mnist-2c2f-... [--limit N]
     python benchmarks/certify_price.py --liresnet --limit 512
 
-Prints a Markdown table; asserts nothing.
+Prints a Markdown table; asserts nothing. With ``PYTHONPATH=<older tree>/src`` it measures that
+tree's gloronet (a tree from before issue 18, whose ``certify`` has no ``fast``, included), so
+before / after tables come from one script on one machine.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -74,8 +77,18 @@ def _synthetic_liresnet(limit: int, train_steps: int):
     return "liresnet-6l128w (synthetic CIFAR shape)", net.eval(), x, y
 
 
+def tree_agnostic(net) -> None:
+    """Lets ``net.certify(b, fast=...)`` run on a gloronet from before issue 18 (``PYTHONPATH=<older
+    tree>/src``), whose ``certify`` has no ``fast``: it runs the chunked program throughout, which is
+    what ``fast=False`` means."""
+    if "fast" not in inspect.signature(net.certify).parameters:
+        certify = net.certify
+        net.certify = lambda b, fast=True, **kw: certify(b, **kw)
+
+
 def _run(name, net, x, y, batch: int, repeats: int) -> dict:
     net.eval()
+    tree_agnostic(net)
     batches = [x[i : i + batch] for i in range(0, len(x), batch)]
     radii = {}
     for arithmetic in ("exact", "float"):

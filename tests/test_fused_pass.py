@@ -338,3 +338,32 @@ def test_cached_bounds_follow_the_chunking_of_the_certified_program(monkeypatch,
     assert after is not before and after.chunking != before.chunking
     assert profile.models[1].rel == profile.fused[1].rel  # the certified program is the fused one now
     assert after.head.gamma == after.head.fused_gamma
+
+
+def test_the_ab_benchmark_runs_a_shipped_model_and_adapts_an_older_certify(monkeypatch, capsys):
+    """``benchmarks/certify_ab.py`` times plain twin, ``net(x)`` and ``certify`` of a shipped model;
+    ``certify_price.tree_agnostic`` lets a ``certify`` without ``fast`` (a tree before issue 18)
+    take ``fast=False`` and passes everything else through unchanged."""
+    from conftest import load_benchmark
+
+    price = load_benchmark("certify_price")
+
+    class Old:
+        def certify(self, b, epsilon=None):
+            return ("old", b, epsilon)
+
+    old = Old()
+    price.tree_agnostic(old)
+    assert old.certify("b", fast=False, epsilon=0.5) == ("old", "b", 0.5)
+    new = _long_sums_net()
+    bound = new.certify
+    price.tree_agnostic(new)
+    assert new.certify == bound  # a certify with `fast` is left alone
+
+    ab = load_benchmark("certify_ab")
+    images = torch.rand(6, 1, 28, 28)
+    monkeypatch.setattr(ab, "load_dataset", lambda name, split, limit: (images[:limit], torch.zeros(limit, dtype=torch.long)))
+    monkeypatch.setattr(ab, "reuse_freed_memory", lambda: False)  # no process-wide malloc tuning inside the suite
+    ab.main(["mnist-2c2f-eps0.3", "6", "1", "--batch", "4"])
+    line = capsys.readouterr().out
+    assert line.startswith("mnist-2c2f-eps0.3 ") and all(f"{k} " in line for k in ("plain", "net(x)", "certify"))
