@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import certify_price  # noqa: E402  (its tree-agnostic certify, the synthetic LiResNet)
+import certify_price  # noqa: E402  (run loading, timing rounds, the synthetic LiResNet)
 from throughput import plain_twin  # noqa: E402
 
 import gloronet  # noqa: E402
 from gloronet.allocator import reuse_freed_memory  # noqa: E402
-from gloronet.checkpoint import load_model  # noqa: E402
-from gloronet.data import load_dataset  # noqa: E402
 
+# the model files of this checkout, whichever tree is on PYTHONPATH: both trees of an A/B read the same weights
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "gloronet" / "pretrained" / "models"
 
 
@@ -44,11 +41,8 @@ def main(argv=None) -> None:
     if args.model == "liresnet":
         _, net, x, _ = certify_price._synthetic_liresnet(args.n, 60)
     else:
-        run = SHIPPED / args.model
-        net = load_model(str(run))
-        x, _ = load_dataset(yaml.safe_load((run / "config.yaml").read_text())["dataset"], "test", limit=args.n)
+        net, _, x, _ = certify_price.load_run(SHIPPED / args.model, args.n)
     net.eval()
-    certify_price.tree_agnostic(net)
     batches = [x[i : i + args.batch] for i in range(0, args.n, args.batch)]
     plain = plain_twin(net).eval()
     with torch.no_grad():

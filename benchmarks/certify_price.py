@@ -77,6 +77,12 @@ def _synthetic_liresnet(limit: int, train_steps: int):
     return "liresnet-6l128w (synthetic CIFAR shape)", net.eval(), x, y
 
 
+def load_run(run, limit: int):
+    """``(net, dataset name, test images, labels)`` of a run directory (its own ``config.yaml``)."""
+    dataset = yaml.safe_load((Path(run) / "config.yaml").read_text())["dataset"]
+    return (load_model(str(run)), dataset, *load_dataset(dataset, "test", limit=limit))
+
+
 def tree_agnostic(net) -> None:
     """Lets ``net.certify(b, fast=...)`` run on a gloronet from before issue 18 (``PYTHONPATH=<older
     tree>/src``), whose ``certify`` has no ``fast``: it runs the chunked program throughout, which is
@@ -138,10 +144,8 @@ def main() -> None:
     tuned = reuse_freed_memory()  # as the gloronet command does (GLORONET_SYSTEM_MALLOC=1: glibc's default)
     rows = []
     for run in args.runs:
-        net = load_model(run)
-        cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
-        x, y = load_dataset(cfg["dataset"], "test", limit=args.limit)
-        rows.append(_run(f"{net.config['name']} on {cfg['dataset']}", net, x, y, args.batch, args.repeats))
+        net, dataset, x, y = load_run(run, args.limit)
+        rows.append(_run(f"{net.config['name']} on {dataset}", net, x, y, args.batch, args.repeats))
     if args.liresnet:
         rows.append(_run(*_synthetic_liresnet(args.limit, args.train_steps), args.batch, args.repeats))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}, "

@@ -362,7 +362,7 @@ def test_the_ab_benchmark_runs_a_shipped_model_and_adapts_an_older_certify(monke
 
     ab = load_benchmark("certify_ab")
     images = torch.rand(6, 1, 28, 28)
-    monkeypatch.setattr(ab, "load_dataset", lambda name, split, limit: (images[:limit], torch.zeros(limit, dtype=torch.long)))
+    monkeypatch.setattr(price, "load_dataset", lambda name, split, limit: (images[:limit], torch.zeros(limit, dtype=torch.long)))
     monkeypatch.setattr(ab, "reuse_freed_memory", lambda: False)  # no process-wide malloc tuning inside the suite
     ab.main(["mnist-2c2f-eps0.3", "6", "1", "--batch", "4"])
     line = capsys.readouterr().out
